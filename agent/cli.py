@@ -1,0 +1,140 @@
+"""The `voice-agent` command.
+
+Exit status: 0 on success, 2 for bad input or settings (one line on stderr, no
+traceback), 1 when a model cannot be loaded or speech generation fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+import numpy as np
+
+from .config import Settings, load_settings
+from .errors import InputError, ModelInitializationError, VoiceAgentError, ConfigError
+
+log = logging.getLogger("voice-agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--profile", help="settings profile: default (real weights) or tiny (offline, random weights)")
+    common.add_argument("--config", metavar="FILE", help="a TOML file overriding config/default.toml")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    parser = argparse.ArgumentParser(prog="voice-agent", description="A realtime voice agent: Voxtral listens, Orpheus answers aloud.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    say = sub.add_parser("say", parents=[common], help="speak TEXT with Orpheus into a WAV file or stdout")
+    say.add_argument("text", metavar="TEXT")
+    say.add_argument("--voice", help="voice name (default: tts.default_voice)")
+    say.add_argument("--seed", type=int, help="sampling seed, for repeatable output")
+    say.add_argument("-o", "--output", default="speech.wav",
+                     help="WAV file to write (24 kHz mono 16-bit), or - for raw s16le PCM on stdout as it is made")
+    say.add_argument("--json", action="store_true", help="print one JSON object with the request's metrics")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    snac = bench_sub.add_parser("snac", parents=[common], help="streaming SNAC decoder: baseline vs default mode")
+    snac.add_argument("--seconds", type=float, default=10.0, help="audio to decode (default 10)")
+    snac.add_argument("--token-rate", type=float, default=150.0,
+                      help="simulated generation speed in tokens/s (82 is real time; default 150)")
+    snac.add_argument("--json", action="store_true", help="print one JSON line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        settings = load_settings(args.profile, args.config)
+        if args.command == "say":
+            return cmd_say(args, settings)
+        if args.command == "bench" and args.bench == "snac":
+            return cmd_bench_snac(args, settings)
+    except (InputError, ConfigError) as e:
+        print(f"voice-agent: error: {e}", file=sys.stderr)
+        return 2
+    except VoiceAgentError as e:
+        print(f"voice-agent: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
+    from .tts import TTSServiceDirect
+
+    to_stdout = args.output == "-"
+    if to_stdout and args.json:
+        raise InputError("--json prints to stdout, so it cannot be used with -o - (raw audio on stdout)")
+    # Check what can be checked before loading models (seconds to minutes).
+    TTSServiceDirect.validate_text(args.text)
+    if (args.voice or settings.tts.default_voice) not in settings.tts.voices:
+        raise InputError(f"unknown voice {args.voice!r}; choose from: {', '.join(settings.tts.voices)}")
+    if not to_stdout:
+        _check_writable(args.output)
+
+    service = TTSServiceDirect.from_settings(settings)
+    chunks: list[np.ndarray] = []
+    metrics = service.monitor.start(args.voice or settings.tts.default_voice, args.text)
+
+    async def run() -> None:
+        async for chunk in service.synthesize(args.text, args.voice, args.seed, metrics):
+            if to_stdout:
+                sys.stdout.buffer.write(chunk.tobytes())
+                sys.stdout.buffer.flush()
+            else:
+                chunks.append(chunk)
+
+    try:
+        asyncio.run(run())
+    finally:
+        service.close()
+    if not to_stdout:
+        from .audio import write_wav
+        from .snac_codec import SAMPLE_RATE
+
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+        write_wav(args.output, audio, SAMPLE_RATE)
+        log.info("wrote %.2f s of audio to %s", len(audio) / SAMPLE_RATE, args.output)
+    if args.json:
+        print(json.dumps(metrics.to_dict()))
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
+
+
+def cmd_bench_snac(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench import bench_snac
+    from .memory import resolve_device
+    from .snac_codec import load_snac
+    from .tts import resolve_source
+
+    if args.seconds <= 0 or args.token_rate <= 0:
+        raise InputError("--seconds and --token-rate must be positive")
+    device = resolve_device(settings.device.device)
+    snac = load_snac(resolve_source(settings.snac.model, "snac"), device, noise=False)
+    result = bench_snac(snac, args.seconds, args.token_rate, settings.snac.max_frames_per_window)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

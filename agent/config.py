@@ -1,0 +1,226 @@
+"""Settings: config/default.toml, a profile, an optional file, then environment variables.
+
+config/default.toml is the one place that lists every option with its default; the
+dataclasses here give each option its type. Anything not in both is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+ENV_PREFIX = "VOICE_AGENT_"
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    device: str
+    dtype: str
+    headroom_gb: float
+
+
+@dataclass(frozen=True)
+class OrpheusSettings:
+    model: str
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class SnacSettings:
+    model: str
+    decoder_mode: str
+    max_frames_per_window: int
+    noise: bool
+
+
+@dataclass(frozen=True)
+class TTSSettings:
+    voices: tuple[str, ...]
+    default_voice: str
+    fallback_voice: str
+    max_retries: int
+    retry_backoff_s: float
+    max_sentence_chars: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    ttft_ms_target: float
+    ttfa_ms_target: float
+    rtf_target: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    profile: str
+    device: DeviceSettings
+    orpheus: OrpheusSettings
+    snac: SnacSettings
+    tts: TTSSettings
+    monitor: MonitorSettings
+
+    def replace(self, section: str, **changes: Any) -> "Settings":
+        """A copy with some options of one section changed (validated like a file)."""
+        merged = dataclasses.asdict(self)
+        merged.pop("profile")
+        merged[section].update(changes)
+        return _build(merged, self.profile, source="override")
+
+
+SECTIONS: dict[str, type] = {
+    "device": DeviceSettings,
+    "orpheus": OrpheusSettings,
+    "snac": SnacSettings,
+    "tts": TTSSettings,
+    "monitor": MonitorSettings,
+}
+
+# Checks beyond the type: (test, what a good value looks like).
+_CHOICES = {
+    "device.device": ("auto", "cuda", "cpu"),
+    "device.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "snac.decoder_mode": ("default", "baseline"),
+}
+_RANGES = {
+    "device.headroom_gb": (0.0, None),
+    "orpheus.temperature": (0.0, 10.0),
+    "orpheus.top_p": (1e-6, 1.0),
+    "orpheus.repetition_penalty": (1.0, 10.0),
+    "orpheus.max_tokens": (7, 100_000),
+    "snac.max_frames_per_window": (1, 256),
+    "tts.max_retries": (0, 100),
+    "tts.retry_backoff_s": (0.0, 60.0),
+    "tts.max_sentence_chars": (20, 100_000),
+    "tts.seed": (-1, 2**63 - 1),
+    "monitor.ttft_ms_target": (0.0, None),
+    "monitor.ttfa_ms_target": (0.0, None),
+    "monitor.rtf_target": (0.0, None),
+}
+
+
+def load_settings(
+    profile: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the settings; raise ConfigError naming the key on any unknown key or bad value."""
+    env = os.environ if env is None else env
+    base = _read_toml(DEFAULT_CONFIG)
+    profiles = base.pop("profiles", {})
+    profile = profile or env.get(ENV_PREFIX + "PROFILE") or "default"
+    if profile not in profiles:
+        raise ConfigError(f"unknown profile {profile!r} (choose from: {', '.join(sorted(profiles))})")
+    _merge(base, profiles[profile], "profiles." + profile)
+    if config_file is not None:
+        user = _read_toml(Path(config_file))
+        user.pop("profiles", None)
+        _merge(base, user, str(config_file))
+    _merge(base, _env_overrides(env), "environment")
+    return _build(base, profile, source="settings")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], source: str) -> None:
+    for section, values in over.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown settings section {section!r} in {source}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section!r} in {source} must be a table")
+        known = {f.name for f in fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {section}.{key} in {source}")
+            base.setdefault(section, {})[key] = value
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "PROFILE":
+            continue
+        rest = name[len(ENV_PREFIX):]
+        if "__" not in rest:
+            raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        section, key = (part.lower() for part in rest.split("__", 1))
+        out.setdefault(section, {})[key] = _parse_env_value(raw)
+    return out
+
+
+def _parse_env_value(raw: str) -> Any:
+    # A TOML value where it parses (numbers, booleans, lists), the plain text otherwise.
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _build(merged: dict[str, Any], profile: str, source: str) -> Settings:
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = merged.get(section, {})
+        kwargs = {}
+        for f in fields(cls):
+            key = f"{section}.{f.name}"
+            if f.name not in values:
+                raise ConfigError(f"setting {key} is missing from {source}")
+            kwargs[f.name] = _check(key, f.type, values[f.name])
+        sections[section] = cls(**kwargs)
+    settings = Settings(profile=profile, **sections)
+    _check_cross(settings)
+    return settings
+
+
+def _check(key: str, type_name: str, value: Any) -> Any:
+    if type_name == "bool":
+        ok = isinstance(value, bool)
+    elif type_name == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif type_name == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif type_name == "str":
+        ok = isinstance(value, str)
+    else:  # tuple[str, ...]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ConfigError(f"setting {key} must be {type_name.replace('tuple[str, ...]', 'a list of strings')}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"setting {key} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
+    if key in _RANGES:
+        low, high = _RANGES[key]
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"setting {key} must be {bound}; got {value!r}")
+    return value
+
+
+def _check_cross(s: Settings) -> None:
+    if not s.tts.voices:
+        raise ConfigError("setting tts.voices must name at least one voice")
+    if s.tts.default_voice not in s.tts.voices:
+        raise ConfigError(f"setting tts.default_voice {s.tts.default_voice!r} is not in tts.voices")
+    if s.tts.fallback_voice and s.tts.fallback_voice not in s.tts.voices:
+        raise ConfigError(f"setting tts.fallback_voice {s.tts.fallback_voice!r} is not in tts.voices")
+    if s.orpheus.max_tokens % 7:
+        raise ConfigError(f"setting orpheus.max_tokens must be a multiple of 7 (one frame); got {s.orpheus.max_tokens}")

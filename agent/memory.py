@@ -1,0 +1,91 @@
+"""Device choice and GPU memory: check before loading, report, clean up after."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError, InsufficientVRAMError
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+def resolve_device(setting: str) -> torch.device:
+    """"auto" picks CUDA when present and otherwise warns loudly that the CPU is slow."""
+    if setting == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("setting device.device is \"cuda\" but no CUDA GPU is available")
+        return torch.device("cuda")
+    if setting == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    log.warning("=" * 72)
+    log.warning("NO CUDA GPU FOUND: running the models on the CPU. This works, but speech")
+    log.warning("will be far slower than real time with the real 3B model.")
+    log.warning("=" * 72)
+    return torch.device("cpu")
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs that support it, float16 on other GPUs, float32 on the CPU."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class GPUMemoryManager:
+    """Checks free VRAM before each model loads and reports what the models use.
+
+    `mem_get_info` returns (free, total) bytes; it defaults to torch's CUDA query and
+    can be given another source (tests pass one to exercise the refusal).
+    """
+
+    def __init__(self, device: torch.device, headroom_gb: float,
+                 mem_get_info: Callable[[], tuple[int, int]] | None = None) -> None:
+        self.device = device
+        self.headroom_bytes = int(headroom_gb * GIB)
+        self._mem_get_info = mem_get_info
+        if self._mem_get_info is None and device.type == "cuda":
+            self._mem_get_info = lambda: torch.cuda.mem_get_info(device)
+        self.loaded: dict[str, int] = {}
+
+    def check(self, name: str, needed_bytes: int) -> None:
+        """Raise InsufficientVRAMError when `name` would not fit with the headroom."""
+        self.loaded[name] = needed_bytes
+        if self._mem_get_info is None:
+            return  # CPU: the operating system manages memory
+        free, total = self._mem_get_info()
+        if needed_bytes + self.headroom_bytes > free:
+            raise InsufficientVRAMError(
+                f"{name} needs {needed_bytes / GIB:.1f} GiB plus {self.headroom_bytes / GIB:.1f} GiB headroom, "
+                f"but only {free / GIB:.1f} GiB of {total / GIB:.1f} GiB is free on {self.device}. "
+                "Free the GPU (other processes), lower device.headroom_gb, choose a smaller dtype "
+                "(device.dtype), or run on the CPU (VOICE_AGENT_DEVICE__DEVICE=cpu)."
+            )
+        log.info("%s: %.2f GiB needed, %.1f GiB free on %s", name, needed_bytes / GIB, free / GIB, self.device)
+
+    def stats(self) -> dict[str, float]:
+        """Allocated, reserved and peak memory in MiB (GPU), or the process's peak RSS (CPU)."""
+        mib = 1024**2
+        if self.device.type == "cuda":
+            return {
+                "allocated_mib": torch.cuda.memory_allocated(self.device) / mib,
+                "reserved_mib": torch.cuda.memory_reserved(self.device) / mib,
+                "peak_mib": torch.cuda.max_memory_allocated(self.device) / mib,
+            }
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"allocated_mib": 0.0, "reserved_mib": 0.0, "peak_mib": 0.0, "process_peak_rss_mib": peak_kib / 1024}
+
+    def cleanup(self) -> None:
+        """Collect garbage and give cached GPU blocks back to the driver."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

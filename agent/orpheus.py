@@ -1,0 +1,274 @@
+"""Orpheus TTS: the prompt, position-constrained sampling, and the token loop.
+
+Orpheus is a Llama model whose vocabulary holds the Llama 3 text tokens followed by
+7 x 4096 audio-code tokens. After start_of_speech it emits audio tokens in frames of
+seven; token i of the stream belongs to slot i % 7, and slot k may only use its own
+4096 ids (see ../shared/reference/orpheus-snac.md). The decode loop is written out
+plainly: one prefill, then one forward per token with the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ModelInitializationError
+
+log = logging.getLogger(__name__)
+
+# Token ids of the Orpheus vocabulary.
+BOS = 128000
+EOT = 128009
+START_OF_SPEECH = 128257
+END_OF_SPEECH = 128258  # the stop token
+START_OF_HUMAN = 128259
+END_OF_HUMAN = 128260
+START_OF_AI = 128261
+AUDIO_BASE = 128266  # <custom_token_10>: code 0 of slot 0
+CODEBOOK_SIZE = 4096
+FRAME_TOKENS = 7
+VOCAB_SIZE = 156940
+
+EMOTIVE_TAGS = ("<laugh>", "<chuckle>", "<sigh>", "<cough>", "<sniffle>", "<groan>", "<yawn>", "<gasp>")
+
+
+def token_to_code(token_id: int, position: int) -> int | None:
+    """The SNAC code carried by audio token `token_id` at stream position `position`,
+    or None when the token is not a valid audio token for that slot. Code 0 is valid."""
+    code = token_id - AUDIO_BASE - (position % FRAME_TOKENS) * CODEBOOK_SIZE
+    return code if 0 <= code < CODEBOOK_SIZE else None
+
+
+class FrameAssembler:
+    """Turns the audio token stream into frames of seven codes.
+
+    Every token advances the position, valid or not, so one bad token can never shift
+    the frames after it. An invalid token's code is replaced by the same slot's code of
+    the previous frame (0 in the first frame), which keeps the frame decodable.
+    """
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.invalid_tokens = 0
+        self._current: list[int] = []
+        self._previous: list[int] | None = None
+
+    def push(self, token_id: int) -> list[int] | None:
+        """Add one token; return the frame it completes, if any."""
+        slot = self.position % FRAME_TOKENS
+        code = token_to_code(token_id, self.position)
+        if code is None:
+            self.invalid_tokens += 1
+            code = self._previous[slot] if self._previous else 0
+        self.position += 1
+        self._current.append(code)
+        if len(self._current) < FRAME_TOKENS:
+            return None
+        frame, self._current = self._current, []
+        self._previous = frame
+        return frame
+
+    @property
+    def partial_tokens(self) -> int:
+        """Tokens of an unfinished frame (dropped if the stream ends here)."""
+        return len(self._current)
+
+
+def tokens_to_frames(token_ids: Sequence[int]) -> list[list[int]]:
+    """All complete frames of an audio token sequence (a trailing partial frame is dropped)."""
+    assembler = FrameAssembler()
+    frames = [f for f in (assembler.push(t) for t in token_ids) if f is not None]
+    return frames
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.8
+    repetition_penalty: float = 1.1
+    max_tokens: int = 1400  # audio tokens; a multiple of 7
+
+
+class ConstrainedSampler:
+    """Samples the next audio token from the ids its slot allows.
+
+    Only the 4096 ids of the current slot are candidates (plus end_of_speech at a
+    frame boundary), so a stream cannot misalign. Repetition penalty, temperature and
+    top-p apply to those candidates as transformers' processors would to the full row.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device,
+                 generator: torch.Generator) -> None:
+        self.params = params
+        self.generator = generator
+        self.seen = torch.zeros(VOCAB_SIZE, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(list(prompt_ids), device=device)] = True
+        self._eos = torch.tensor([END_OF_SPEECH], device=device)
+
+    def candidates(self, position: int) -> torch.Tensor:
+        slot = position % FRAME_TOKENS
+        low = AUDIO_BASE + slot * CODEBOOK_SIZE
+        ids = torch.arange(low, low + CODEBOOK_SIZE, device=self.seen.device)
+        return torch.cat([ids, self._eos]) if slot == 0 else ids
+
+    def __call__(self, logits: torch.Tensor, position: int) -> int:
+        ids = self.candidates(position)
+        scores = logits[ids].float()
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            seen = self.seen[ids]
+            penalised = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+            scores = torch.where(seen, penalised, scores)
+        if p.temperature == 0.0:
+            choice = int(torch.argmax(scores))
+        else:
+            probs = torch.softmax(scores / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (always the first).
+                keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
+                sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+                picked = torch.multinomial(sorted_probs, 1, generator=self.generator)
+                choice = int(order[picked])
+            else:
+                choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        token = int(ids[choice])
+        self.seen[token] = True
+        return token
+
+
+class TokenStream:
+    """One generation: the prefill on the first step, then one token per step.
+
+    Holds the KV cache until it finishes or is closed; close() frees it at once, which
+    is how a cancelled request gives its memory back.
+    """
+
+    def __init__(self, model: "OrpheusDirectModel", prompt_ids: Sequence[int], params: SamplingParams,
+                 seed: int) -> None:
+        self.model = model
+        self.params = params
+        self.prompt_ids = list(prompt_ids)
+        generator = torch.Generator(device=model.device)
+        generator.manual_seed(seed)
+        self.sampler = ConstrainedSampler(params, self.prompt_ids, model.device, generator)
+        self.position = 0  # audio tokens generated so far
+        self.finished = False
+        self.stopped_by_model = False  # True when the model chose end_of_speech
+        self._cache = None
+        self._next_input: torch.Tensor | None = torch.tensor([self.prompt_ids], device=model.device)
+
+    @torch.inference_mode()
+    def step(self) -> int | None:
+        """Run one forward pass and return the next audio token, or None when done."""
+        if self.finished:
+            return None
+        if self.position >= self.params.max_tokens:
+            self.close()
+            return None
+        out = self.model.forward(self._next_input, self._cache)
+        self._cache = out.past_key_values
+        token = self.sampler(out.logits[0, -1], self.position)
+        if token == END_OF_SPEECH:
+            self.stopped_by_model = True
+            self.close()
+            return None
+        self.position += 1
+        self._next_input = torch.tensor([[token]], device=self.model.device)
+        return token
+
+    def close(self) -> None:
+        self.finished = True
+        self._cache = None
+        self._next_input = None
+
+    @property
+    def holds_cache(self) -> bool:
+        return self._cache is not None
+
+
+class OrpheusDirectModel:
+    """The Orpheus language model and its tokenizer, loaded in-process with transformers."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, source: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.forward_calls = 0  # every decode step counts; tests use it to see generation stop
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @classmethod
+    def load(cls, source: str, device: torch.device, dtype: torch.dtype,
+             check_memory: Callable[[str, int], None] | None = None) -> "OrpheusDirectModel":
+        """Load from a Hub id or a local directory. `check_memory(name, bytes)` may refuse."""
+        from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(source)
+            if check_memory is not None:
+                check_memory(f"Orpheus ({source})", estimate_llama_bytes(config, dtype))
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = LlamaForCausalLM.from_pretrained(source, dtype=dtype)
+        except ModelInitializationError:
+            raise
+        except Exception as e:  # transformers raises OSError, ValueError, HF errors...
+            raise ModelInitializationError(
+                f"cannot load Orpheus model {source!r}: {first_line(e)}. "
+                "To run without downloaded weights, use --profile tiny."
+            ) from e
+        if getattr(config, "vocab_size", 0) < VOCAB_SIZE:
+            raise ModelInitializationError(
+                f"model {source!r} has vocab_size {config.vocab_size}, not Orpheus's {VOCAB_SIZE}")
+        model.to(device).eval()
+        return cls(model, tokenizer, source)
+
+    def prompt_ids(self, voice: str, text: str) -> list[int]:
+        """The reference layout: start_of_human, BOS + "voice: text", eot, end_of_human,
+        start_of_ai, start_of_speech."""
+        ids = self.tokenizer(f"{voice}: {text}").input_ids
+        if not ids or ids[0] != BOS:
+            ids = [BOS] + list(ids)
+        return [START_OF_HUMAN, *ids, EOT, END_OF_HUMAN, START_OF_AI, START_OF_SPEECH]
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> TokenStream:
+        return TokenStream(self, prompt_ids, params, seed)
+
+    def forward(self, input_ids: torch.Tensor, cache):
+        # One stream at a time on the model; steps of different streams interleave.
+        with self._lock:
+            self.forward_calls += 1
+            return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+
+
+def estimate_llama_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of a Llama model's weights, from its config alone (nothing is loaded)."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    per_layer = attention + 3 * h * i + 2 * h
+    embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    params = n * per_layer + embeddings + h
+    return params * torch.finfo(dtype).bits // 8
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0].rstrip(".")

@@ -1,0 +1,258 @@
+"""TTSServiceDirect: text in, 24 kHz int16 audio chunks out, streamed as decoded.
+
+The path of one sentence: prompt -> TokenStream (Orpheus, one token per step) ->
+FrameAssembler (7 codes a frame) -> StreamingSNACDecoder -> int16 chunks.
+All model work runs on one device thread, one step at a time, so the event loop never
+waits on a model and steps of concurrent requests interleave. Generation is pulled by
+the consumer: one that stops iterating stops it, and its KV cache is freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+import numpy as np
+import torch
+
+from .config import Settings
+from .errors import AudioGenerationError, InputError
+from .memory import GPUMemoryManager, resolve_device, resolve_dtype
+from .monitor import PerformanceMonitor, RequestMetrics
+from .orpheus import FrameAssembler, OrpheusDirectModel, SamplingParams, TokenStream
+from .snac_codec import StreamingSNACDecoder, load_snac, to_int16
+
+log = logging.getLogger(__name__)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+")
+_CLAUSE_END = re.compile(r"(?<=[,;:—])\s+")
+_SPACE = re.compile(r"\s+")
+
+
+def split_sentences(text: str, max_chars: int) -> list[str]:
+    """Split at sentence ends; split sentences longer than max_chars at clauses, then spaces."""
+    out: list[str] = []
+    for sentence in _SENTENCE_END.split(text.strip()):
+        sentence = " ".join(sentence.split())
+        if sentence:
+            out.extend(_pack(sentence, max_chars))
+    return out
+
+
+def _pack(sentence: str, max_chars: int) -> list[str]:
+    if len(sentence) <= max_chars:
+        return [sentence]
+    for splitter in (_CLAUSE_END, _SPACE):
+        pieces = splitter.split(sentence)
+        if len(pieces) > 1:
+            break
+    else:
+        return [sentence]  # one very long word stays whole rather than cut mid-word
+    chunks: list[str] = []
+    for piece in pieces:
+        if chunks and len(chunks[-1]) + 1 + len(piece) <= max_chars:
+            chunks[-1] += " " + piece
+        else:
+            chunks.append(piece)
+    return [c for chunk in chunks for c in _pack(chunk, max_chars)]
+
+
+class SpeechStream:
+    """One sentence being spoken: each step() runs one decode step (and a SNAC window
+    when one is due) and returns any new audio. Runs on the device thread."""
+
+    def __init__(self, tokens: TokenStream, decoder: StreamingSNACDecoder) -> None:
+        self.tokens = tokens
+        self.decoder = decoder
+        self.assembler = FrameAssembler()
+        self.done = False
+
+    def step(self) -> np.ndarray | None:
+        token = self.tokens.step()
+        if token is None:
+            self.done = True
+            audio = self.decoder.flush()
+        else:
+            frame = self.assembler.push(token)
+            audio = self.decoder.push(frame) if frame is not None else None
+        return None if audio is None or len(audio) == 0 else audio
+
+    def close(self) -> None:
+        self.done = True
+        self.tokens.close()
+
+
+class TTSServiceDirect:
+    """Streaming speech from the in-process Orpheus and SNAC models."""
+
+    def __init__(self, orpheus: OrpheusDirectModel, snac, settings: Settings,
+                 monitor: PerformanceMonitor | None = None,
+                 memory: GPUMemoryManager | None = None) -> None:
+        self.orpheus = orpheus
+        self.snac = snac
+        self.settings = settings
+        self.monitor = monitor or PerformanceMonitor(settings.monitor)
+        self.memory = memory
+        self.active: set[SpeechStream] = set()
+        # The device thread: every model call of this service runs here.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-device")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TTSServiceDirect":
+        orpheus, snac, memory = load_tts_models(settings)
+        return cls(orpheus, snac, settings, memory=memory)
+
+    # -- validation -------------------------------------------------------------
+
+    def validate_voice(self, voice: str | None) -> str:
+        voice = voice or self.settings.tts.default_voice
+        if voice not in self.settings.tts.voices:
+            raise InputError(f"unknown voice {voice!r}; choose from: {', '.join(self.settings.tts.voices)}")
+        return voice
+
+    @staticmethod
+    def validate_text(text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("text is empty: give something to say")
+        return text.strip()
+
+    # -- synthesis --------------------------------------------------------------
+
+    async def synthesize(self, text: str, voice: str | None = None, seed: int | None = None,
+                         metrics: RequestMetrics | None = None) -> AsyncIterator[np.ndarray]:
+        """Yield 24 kHz mono int16 chunks as they are decoded, sentence by sentence.
+
+        Raises InputError for empty text or an unknown voice (before any work), and
+        AudioGenerationError when a sentence fails with every voice and retry.
+        """
+        text = self.validate_text(text)
+        voice = self.validate_voice(voice)
+        if seed is None:
+            seed = self.settings.tts.seed if self.settings.tts.seed >= 0 else random.randrange(2**31)
+        m = metrics or self.monitor.start(voice, text)
+        try:
+            for index, sentence in enumerate(split_sentences(text, self.settings.tts.max_sentence_chars)):
+                async for chunk, voice in self._sentence_with_retries(sentence, voice, seed + index, m):
+                    yield chunk
+        except AudioGenerationError as e:
+            m.error = str(e)
+            raise
+        finally:
+            self.monitor.finish(m)
+
+    async def _sentence_with_retries(self, sentence: str, voice: str, seed: int, m: RequestMetrics):
+        """Yields (chunk, voice used). Retries a sentence that fails before any audio, with
+        exponential backoff; then moves to the fallback voice for the rest of the request."""
+        cfg = self.settings.tts
+        voices = [voice] + ([cfg.fallback_voice] if cfg.fallback_voice and cfg.fallback_voice != voice else [])
+        last_error: BaseException | None = None
+        for v in voices:
+            for attempt in range(cfg.max_retries + 1):
+                produced = False
+                try:
+                    async for chunk in self._speak(sentence, v, seed + attempt, m):
+                        produced = True
+                        yield chunk, v
+                    return
+                except (AudioGenerationError, RuntimeError) as e:
+                    if produced:  # audio already went out: a retry would repeat it
+                        raise AudioGenerationError(f"speech generation failed mid-sentence: {e}") from e
+                    last_error = e
+                    m.retries += 1
+                    log.warning("voice %s, attempt %d failed: %s", v, attempt + 1, e)
+                    if attempt < cfg.max_retries:
+                        await asyncio.sleep(cfg.retry_backoff_s * 2**attempt)
+            if v != voices[-1]:
+                log.warning("voice %s keeps failing; falling back to %s", v, voices[-1])
+        raise AudioGenerationError(
+            f"speech generation failed after {len(voices) * (cfg.max_retries + 1)} attempts "
+            f"(voices: {', '.join(voices)}): {last_error}")
+
+    async def _speak(self, sentence: str, voice: str, seed: int, m: RequestMetrics) -> AsyncIterator[np.ndarray]:
+        o = self.settings.orpheus
+        params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, o.max_tokens)
+        stream = self.open_stream(sentence, voice, seed, params)
+        loop = asyncio.get_running_loop()
+        try:
+            while not stream.done:
+                audio = await loop.run_in_executor(self._executor, stream.step)
+                now = time.perf_counter()
+                if m.first_token is None and stream.tokens.position > 0:
+                    m.first_token = now
+                if audio is not None:
+                    m.first_audio = m.first_audio or now
+                    m.audio_samples += len(audio)
+                    yield to_int16(audio)
+        finally:
+            # Runs on completion, on an error, and when the consumer stops iterating.
+            stream.close()
+            self.active.discard(stream)
+            m.tokens += stream.tokens.position
+            m.snac_s += stream.decoder.decode_s
+            m.invalid_tokens += stream.assembler.invalid_tokens
+
+    def open_stream(self, sentence: str, voice: str, seed: int, params: SamplingParams) -> SpeechStream:
+        prompt = self.orpheus.prompt_ids(voice, sentence)
+        s = self.settings.snac
+        decoder = StreamingSNACDecoder(self.snac, s.decoder_mode, s.max_frames_per_window)
+        stream = SpeechStream(self.orpheus.stream(prompt, params, seed), decoder)
+        self.active.add(stream)
+        return stream
+
+    def close(self) -> None:
+        for stream in list(self.active):
+            stream.close()
+        self._executor.shutdown(wait=True)
+        self.orpheus.unload()
+        self.snac = None
+        if self.memory is not None:
+            self.memory.cleanup()
+
+
+def load_tts_models(settings: Settings) -> tuple[OrpheusDirectModel, object, GPUMemoryManager]:
+    """Load Orpheus and SNAC as the settings say, with progress on stderr (logging)."""
+    device = resolve_device(settings.device.device)
+    dtype = resolve_dtype(settings.device.dtype, device)
+    memory = GPUMemoryManager(device, settings.device.headroom_gb)
+    orpheus_source = resolve_source(settings.orpheus.model, "orpheus")
+    snac_source = resolve_source(settings.snac.model, "snac")
+
+    t0 = time.perf_counter()
+    log.info("loading Orpheus from %s on %s (%s)...", orpheus_source, device, str(dtype).removeprefix("torch."))
+    orpheus = OrpheusDirectModel.load(orpheus_source, device, dtype, memory.check)
+    if dtype != torch.float32 and not _works(orpheus):
+        log.warning("%s does not run in %s on this GPU; reloading in float32", orpheus_source, dtype)
+        orpheus.unload()
+        memory.cleanup()
+        orpheus = OrpheusDirectModel.load(orpheus_source, device, torch.float32, memory.check)
+    log.info("loaded Orpheus in %.1f s; loading SNAC from %s...", time.perf_counter() - t0, snac_source)
+    snac = load_snac(snac_source, device, settings.snac.noise, memory.check)
+    log.info("models ready in %.1f s (%s)", time.perf_counter() - t0,
+             ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.stats().items()))
+    return orpheus, snac, memory
+
+
+def resolve_source(name: str, kind: str) -> str:
+    """"tiny" means the tiny profile's saved checkpoint; anything else is a Hub id or a path."""
+    if name != "tiny":
+        return name
+    from . import tiny
+
+    return str(tiny.tiny_orpheus_dir() if kind == "orpheus" else tiny.tiny_snac_dir())
+
+
+def _works(orpheus: OrpheusDirectModel) -> bool:
+    """One forward pass: some GPUs load half-precision weights but cannot run them."""
+    try:
+        stream = orpheus.stream(orpheus.prompt_ids("tara", "hi"), SamplingParams(max_tokens=7), seed=0)
+        stream.step()
+        stream.close()
+        return True
+    except RuntimeError as e:
+        log.debug("half-precision check failed: %s", e)
+        return False
