@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from .config import Settings, load_settings
-from .errors import InputError, ModelInitializationError, VoiceAgentError, ConfigError
+from .errors import ConfigError, InputError, VoiceAgentError
 
 log = logging.getLogger("voice-agent")
 
@@ -81,6 +81,10 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
     if not to_stdout:
         _check_writable(args.output)
 
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)  # SNAC's decoder noise draws from the global generator
     service = TTSServiceDirect.from_settings(settings)
     chunks: list[np.ndarray] = []
     metrics = service.monitor.start(args.voice or settings.tts.default_voice, args.text)
@@ -96,7 +100,7 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
     try:
         asyncio.run(run())
     finally:
-        service.close()
+        service.unload()
     if not to_stdout:
         from .audio import write_wav
         from .snac_codec import SAMPLE_RATE

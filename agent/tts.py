@@ -205,9 +205,14 @@ class TTSServiceDirect:
         return stream
 
     def close(self) -> None:
+        """Stop every stream and the device thread. The models stay loaded (see unload)."""
         for stream in list(self.active):
             stream.close()
         self._executor.shutdown(wait=True)
+
+    def unload(self) -> None:
+        """Close, then free the models and their memory (for the owner of the models)."""
+        self.close()
         self.orpheus.unload()
         self.snac = None
         if self.memory is not None:

@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny profile's real models, loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agent.config import Settings, load_settings
+from agent.tts import TTSServiceDirect, load_tts_models
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Settings:
+    # Noise off: streamed audio is compared against one-shot decodes.
+    return load_settings("tiny", env={}).replace("snac", noise=False)
+
+
+@pytest.fixture(scope="session")
+def tts_models(tiny_settings):
+    return load_tts_models(tiny_settings)
+
+
+@pytest.fixture
+def make_service(tts_models, tiny_settings):
+    """Build a TTSServiceDirect on the shared tiny models, optionally with changed settings."""
+    services = []
+
+    def make(settings: Settings | None = None) -> TTSServiceDirect:
+        orpheus, snac, memory = tts_models
+        service = TTSServiceDirect(orpheus, snac, settings or tiny_settings, memory=memory)
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        service.close()

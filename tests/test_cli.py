@@ -1,0 +1,86 @@
+"""`voice-agent` end to end, as a user runs it, on the tiny profile."""
+
+import json
+import os
+import subprocess
+import sys
+import wave
+
+import pytest
+
+from agent.snac_codec import FRAME_SAMPLES
+
+
+def run(*args, env=None, timeout=600):
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("VOICE_AGENT_PROFILE", None)
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, timeout=timeout,
+                          env=full_env)
+
+
+def test_say_writes_a_wav_and_reports_json(tmp_path):
+    out = tmp_path / "hello.wav"
+    p = run("say", "Hello there. Nice to meet you!", "--profile", "tiny", "--seed", "3", "-o", str(out), "--json",
+            "--voice", "mia")
+    assert p.returncode == 0, p.stderr.decode()
+    report = json.loads(p.stdout)
+    for key in ("audio_s", "ttfa_ms", "tokens", "tokens_per_s", "rtf", "voice"):
+        assert key in report, key
+    assert report["voice"] == "mia" and report["tokens"] > 0
+    with wave.open(str(out)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        assert w.getnframes() == report["tokens"] // 7 * FRAME_SAMPLES
+        assert abs(w.getnframes() / 24000 - report["audio_s"]) < 1e-3
+
+
+def test_say_streams_raw_pcm_to_stdout():
+    p = run("say", "Streaming to a pipe.", "--profile", "tiny", "--seed", "1", "-o", "-")
+    assert p.returncode == 0, p.stderr.decode()
+    assert len(p.stdout) > 0 and len(p.stdout) % (2 * FRAME_SAMPLES) == 0
+    assert not p.stdout.startswith(b"RIFF")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["say", ""], "text is empty"),
+    (["say", "   "], "text is empty"),
+    (["say", "Hi", "--voice", "bob"], "unknown voice 'bob'"),
+    (["say", "Hi", "--config", "/nonexistent/settings.toml"], "cannot read config file"),
+    (["say", "Hi", "--profile", "huge"], "unknown profile 'huge'"),
+    (["say", "Hi", "-o", "-", "--json"], "cannot be used with -o -"),
+    (["say", "Hi", "-o", "/nonexistent/dir/out.wav"], "cannot write"),
+    (["bench", "snac", "--seconds", "0"], "must be positive"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    p = run(*args, "--profile", "tiny") if "--profile" not in args else run(*args)
+    err = p.stderr.decode()
+    assert p.returncode == 2, err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_config_value_exits_2(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[orpheus]\ntop_p = 2.0\n")
+    p = run("say", "Hi", "--config", str(f))
+    assert p.returncode == 2 and "orpheus.top_p" in p.stderr.decode()
+
+
+def test_default_profile_without_weights_points_to_tiny(tmp_path):
+    p = run("say", "Hi", "-o", str(tmp_path / "x.wav"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    err = p.stderr.decode()
+    assert p.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert "canopylabs/orpheus-3b-0.1-ft" in last and "--profile tiny" in last and "Traceback" not in err
+
+
+def test_bench_snac_json():
+    p = run("bench", "snac", "--profile", "tiny", "--seconds", "1.5", "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    result = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    for mode in ("baseline", "default"):
+        for key in ("ms_per_audio_s", "first_audio_after_tokens", "rel_l2_err"):
+            assert key in result[mode]
+    assert result["baseline"]["first_audio_after_tokens"] == 28
+    assert result["default"]["first_audio_after_tokens"] <= 14
+    assert result["default"]["rel_l2_err"] < 2e-2 < result["baseline"]["rel_l2_err"]
+    assert result["default"]["lost_audio_ms"] == 0 and result["baseline"]["lost_audio_ms"] > 200

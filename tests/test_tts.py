@@ -1,0 +1,147 @@
+"""TTSServiceDirect on the tiny profile: streaming, sentences, cancellation, retries, fallback."""
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+
+from agent.errors import AudioGenerationError, InputError
+from agent.snac_codec import FRAME_SAMPLES
+from agent.tts import split_sentences
+
+
+async def collect(agen):
+    return [chunk async for chunk in agen]
+
+
+def test_split_sentences():
+    assert split_sentences("Hi there. How are you?  Fine!", 250) == ["Hi there.", "How are you?", "Fine!"]
+    assert split_sentences("  one\nline  ", 250) == ["one line"]
+    long = "alpha beta, gamma delta, " * 10 + "end."
+    parts = split_sentences(long, 40)
+    assert all(len(p) <= 40 for p in parts) and " ".join(parts) == " ".join(long.split())
+    assert split_sentences("x" * 60, 20) == ["x" * 60]  # one word is never cut
+
+
+async def test_streams_int16_chunks_with_every_frame(make_service):
+    service = make_service()
+    chunks = await collect(service.synthesize("Hello there. This is a second sentence.", "tara", seed=1))
+    assert chunks and all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
+    m = service.monitor.requests[-1]
+    assert m.tokens > 0 and m.tokens % 7 == 0
+    # Nothing lost: every generated frame is in the audio.
+    assert sum(len(c) for c in chunks) == m.tokens // 7 * FRAME_SAMPLES
+    assert m.ttft_ms is not None and m.ttfa_ms is not None and m.ttfa_ms >= m.ttft_ms
+    assert m.audio_s > 0 and m.snac_s > 0 and m.error is None
+    assert not service.active
+
+
+async def test_same_seed_same_audio(make_service):
+    service = make_service()
+    a = np.concatenate(await collect(service.synthesize("Repeat after me.", "leo", seed=5)))
+    b = np.concatenate(await collect(service.synthesize("Repeat after me.", "leo", seed=5)))
+    c = np.concatenate(await collect(service.synthesize("Repeat after me.", "leo", seed=6)))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+async def test_bad_input(make_service):
+    service = make_service()
+    for text in ("", "   \n\t"):
+        with pytest.raises(InputError, match="empty"):
+            await collect(service.synthesize(text, "tara"))
+    with pytest.raises(InputError, match="unknown voice 'nobody'"):
+        await collect(service.synthesize("Hello.", "nobody"))
+
+
+async def test_consumer_that_stops_stops_generation_and_frees_memory(make_service):
+    service = make_service()
+    orpheus = service.orpheus
+    agen = service.synthesize("This sentence would take a while to say in full.", "tara", seed=2)
+    first = await agen.__anext__()
+    assert len(first) > 0
+    (stream,) = service.active
+    assert stream.tokens.holds_cache
+    calls_at_stop = orpheus.forward_calls
+    await agen.aclose()
+    await asyncio.sleep(0.2)
+    assert orpheus.forward_calls - calls_at_stop <= 1
+    assert not stream.tokens.holds_cache and not service.active
+    assert stream.tokens.position < service.settings.orpheus.max_tokens
+
+
+async def test_cancelled_task_frees_its_stream(make_service):
+    service = make_service()
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in service.synthesize("Keep talking until you are cancelled.", "tara", seed=3):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    (stream,) = service.active
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    calls = service.orpheus.forward_calls
+    await asyncio.sleep(0.2)
+    assert service.orpheus.forward_calls - calls <= 1
+    assert not stream.tokens.holds_cache and not service.active
+
+
+def inject_failures(service, should_fail):
+    """Make the real token stream raise (as a CUDA error would) when should_fail(voice) says so."""
+    real_open = service.open_stream
+    opened = []
+
+    def open_stream(sentence, voice, seed, params):
+        stream = real_open(sentence, voice, seed, params)
+        opened.append(voice)
+        if should_fail(voice):
+            def broken_step():
+                raise RuntimeError(f"injected failure for {voice}")
+            stream.tokens.step = broken_step
+        return stream
+
+    service.open_stream = open_stream
+    return opened
+
+
+async def test_retries_with_backoff_then_succeeds(make_service, tiny_settings):
+    service = make_service(tiny_settings.replace("tts", retry_backoff_s=0.01, max_retries=2))
+    failures = iter([True, True])
+    opened = inject_failures(service, lambda voice: next(failures, False))
+    chunks = await collect(service.synthesize("Third time lucky.", "zoe", seed=1))
+    assert chunks and opened == ["zoe", "zoe", "zoe"]
+    assert service.monitor.requests[-1].retries == 2
+
+
+async def test_voice_that_keeps_failing_falls_back(make_service, tiny_settings, caplog):
+    service = make_service(tiny_settings.replace("tts", retry_backoff_s=0.0, max_retries=1, fallback_voice="leah"))
+    opened = inject_failures(service, lambda voice: voice == "dan")
+    with caplog.at_level(logging.WARNING):
+        chunks = await collect(service.synthesize("First sentence. Second sentence.", "dan", seed=1))
+    assert chunks
+    # dan fails twice, then leah speaks both sentences.
+    assert opened == ["dan", "dan", "leah", "leah"]
+    assert "falling back to leah" in caplog.text
+
+
+async def test_gives_up_with_a_clear_error(make_service, tiny_settings):
+    service = make_service(tiny_settings.replace("tts", retry_backoff_s=0.0, max_retries=1, fallback_voice="leah"))
+    inject_failures(service, lambda voice: True)
+    with pytest.raises(AudioGenerationError, match="failed after 4 attempts.*dan, leah"):
+        await collect(service.synthesize("Nobody can say this.", "dan"))
+    assert service.monitor.requests[-1].error
+    assert not service.active
+
+
+async def test_concurrent_requests_interleave(make_service):
+    service = make_service()
+    a, b = await asyncio.gather(
+        collect(service.synthesize("One voice.", "tara", seed=1)),
+        collect(service.synthesize("Another voice.", "mia", seed=2)),
+    )
+    alone = await collect(service.synthesize("One voice.", "tara", seed=1))
+    assert np.array_equal(np.concatenate(a), np.concatenate(alone)) and b
