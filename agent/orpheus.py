@@ -161,27 +161,38 @@ class TokenStream:
         self.stopped_by_model = False  # True when the model chose end_of_speech
         self._cache = None
         self._next_input: torch.Tensor | None = torch.tensor([self.prompt_ids], device=model.device)
+        self._lock = threading.Lock()  # close() may come from the event loop mid-step
 
     @torch.inference_mode()
     def step(self) -> int | None:
         """Run one forward pass and return the next audio token, or None when done."""
-        if self.finished:
-            return None
-        if self.position >= self.params.max_tokens:
-            self.close()
-            return None
-        out = self.model.forward(self._next_input, self._cache)
-        self._cache = out.past_key_values
-        token = self.sampler(out.logits[0, -1], self.position)
-        if token == END_OF_SPEECH:
-            self.stopped_by_model = True
-            self.close()
-            return None
-        self.position += 1
-        self._next_input = torch.tensor([[token]], device=self.model.device)
-        return token
+        with self._lock:
+            if self.finished:
+                return None
+            if self.position >= self.params.max_tokens:
+                self._close_locked()
+                return None
+            inputs, cache = self._next_input, self._cache
+        out = self.model.forward(inputs, cache)
+        with self._lock:
+            if self.finished:  # closed (cancelled) while the forward pass ran
+                return None
+            self._cache = out.past_key_values
+            token = self.sampler(out.logits[0, -1], self.position)
+            if token == END_OF_SPEECH:
+                self.stopped_by_model = True
+                self._close_locked()
+                return None
+            self.position += 1
+            self._next_input = torch.tensor([[token]], device=self.model.device)
+            return token
 
     def close(self) -> None:
+        """Finish now and free the KV cache; safe to call from any thread, any time."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
         self.finished = True
         self._cache = None
         self._next_input = None

@@ -158,6 +158,7 @@ class TTSServiceDirect:
                     async for chunk in self._speak(sentence, v, seed + attempt, m):
                         produced = True
                         yield chunk, v
+                    m.voice = v  # the voice actually heard (the fallback, if it came to that)
                     return
                 except (AudioGenerationError, RuntimeError) as e:
                     if produced:  # audio already went out: a retry would repeat it

@@ -125,6 +125,7 @@ async def test_voice_that_keeps_failing_falls_back(make_service, tiny_settings, 
     assert chunks
     # dan fails twice, then leah speaks both sentences.
     assert opened == ["dan", "dan", "leah", "leah"]
+    assert service.monitor.requests[-1].voice == "leah"
     assert "falling back to leah" in caplog.text
 
 
