@@ -17,6 +17,8 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
 ENV_PREFIX = "VOICE_AGENT_"
+# Environment variables with the prefix that are not settings overrides.
+ENV_NOT_SETTINGS = {"VOICE_AGENT_PROFILE", "VOICE_AGENT_CACHE"}
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], source: str) -> None:
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "PROFILE":
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
             continue
         rest = name[len(ENV_PREFIX):]
         if "__" not in rest:

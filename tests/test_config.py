@@ -32,7 +32,7 @@ def test_file_and_environment_override(tmp_path):
     s = load_settings("tiny", f, env={"VOICE_AGENT_ORPHEUS__TOP_P": "0.9", "VOICE_AGENT_SNAC__NOISE": "false"})
     assert s.orpheus.temperature == 0.3 and s.tts.default_voice == "leo"
     assert s.orpheus.top_p == 0.9 and s.snac.noise is False
-    s = load_settings("tiny", f, env={"VOICE_AGENT_ORPHEUS__TEMPERATURE": "0.5"})
+    s = load_settings("tiny", f, env={"VOICE_AGENT_ORPHEUS__TEMPERATURE": "0.5", "VOICE_AGENT_CACHE": "/tmp/x"})
     assert s.orpheus.temperature == 0.5  # the environment wins over the file
 
 
@@ -57,6 +57,8 @@ def test_bad_file_names_the_key(tmp_path, text, key):
 def test_bad_environment_names_the_key():
     with pytest.raises(ConfigError, match=r"orpheus\.temperature"):
         load_settings(env={"VOICE_AGENT_ORPHEUS__TEMPERATURE": "warm"})
+    with pytest.raises(ConfigError, match="VOICE_AGENT_ORPHEUS_TOP_P"):
+        load_settings(env={"VOICE_AGENT_ORPHEUS_TOP_P": "0.9"})  # one underscore: a typo
     with pytest.raises(ConfigError, match=r"orpheus\.nonsense"):
         load_settings(env={"VOICE_AGENT_ORPHEUS__NONSENSE": "1"})
     with pytest.raises(ConfigError, match="unknown profile 'huge'"):
