@@ -57,6 +57,37 @@ class TTSSettings:
 
 
 @dataclass(frozen=True)
+class VoxtralSettings:
+    model: str
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class VADSettings:
+    aggressiveness: int
+    frame_ms: int
+    start_ms: int
+    end_ms: int
+    preroll_ms: int
+    min_utterance_ms: int
+    max_utterance_s: float
+    snr_db: float
+    min_level_db: float
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    instructions: str
+    voice: str
+    max_history_turns: int
+    frame_ms: int
+    max_queued_s: float
+    min_first_chunk_chars: int
+
+
+@dataclass(frozen=True)
 class MonitorSettings:
     ttft_ms_target: float
     ttfa_ms_target: float
@@ -70,6 +101,9 @@ class Settings:
     orpheus: OrpheusSettings
     snac: SnacSettings
     tts: TTSSettings
+    voxtral: VoxtralSettings
+    vad: VADSettings
+    session: SessionSettings
     monitor: MonitorSettings
 
     def replace(self, section: str, **changes: Any) -> "Settings":
@@ -85,6 +119,9 @@ SECTIONS: dict[str, type] = {
     "orpheus": OrpheusSettings,
     "snac": SnacSettings,
     "tts": TTSSettings,
+    "voxtral": VoxtralSettings,
+    "vad": VADSettings,
+    "session": SessionSettings,
     "monitor": MonitorSettings,
 }
 
@@ -93,6 +130,9 @@ _CHOICES = {
     "device.device": ("auto", "cuda", "cpu"),
     "device.dtype": ("auto", "bfloat16", "float16", "float32"),
     "snac.decoder_mode": ("default", "baseline"),
+    "vad.aggressiveness": (0, 1, 2, 3),
+    "vad.frame_ms": (10, 20, 30),
+    "session.frame_ms": (10, 20, 30, 40, 60),
 }
 _RANGES = {
     "device.headroom_gb": (0.0, None),
@@ -105,6 +145,19 @@ _RANGES = {
     "tts.retry_backoff_s": (0.0, 60.0),
     "tts.max_sentence_chars": (20, 100_000),
     "tts.seed": (-1, 2**63 - 1),
+    "voxtral.temperature": (0.0, 10.0),
+    "voxtral.top_p": (1e-6, 1.0),
+    "voxtral.max_new_tokens": (1, 100_000),
+    "vad.start_ms": (10, 10_000),
+    "vad.end_ms": (10, 10_000),
+    "vad.preroll_ms": (0, 10_000),
+    "vad.min_utterance_ms": (0, 60_000),
+    "vad.max_utterance_s": (1.0, 600.0),
+    "vad.snr_db": (0.0, 60.0),
+    "vad.min_level_db": (-120.0, 0.0),
+    "session.max_history_turns": (0, 1000),
+    "session.max_queued_s": (0.1, 600.0),
+    "session.min_first_chunk_chars": (1, 10_000),
     "monitor.ttft_ms_target": (0.0, None),
     "monitor.ttfa_ms_target": (0.0, None),
     "monitor.rtf_target": (0.0, None),
@@ -224,5 +277,7 @@ def _check_cross(s: Settings) -> None:
         raise ConfigError(f"setting tts.default_voice {s.tts.default_voice!r} is not in tts.voices")
     if s.tts.fallback_voice and s.tts.fallback_voice not in s.tts.voices:
         raise ConfigError(f"setting tts.fallback_voice {s.tts.fallback_voice!r} is not in tts.voices")
+    if s.session.voice and s.session.voice not in s.tts.voices:
+        raise ConfigError(f"setting session.voice {s.session.voice!r} is not in tts.voices")
     if s.orpheus.max_tokens % 7:
         raise ConfigError(f"setting orpheus.max_tokens must be a multiple of 7 (one frame); got {s.orpheus.max_tokens}")
