@@ -1,11 +1,69 @@
-"""Audio files: 16-bit PCM WAV in and out."""
+"""Audio in and out: reading any audio file, resampling, writing WAV. PyAV does the work."""
 
 from __future__ import annotations
 
 import wave
 from pathlib import Path
 
+import av
 import numpy as np
+
+from .errors import InputError
+
+_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+class Resampler:
+    """Streaming conversion of int16 audio at any rate and channel count to mono int16 at
+    `rate`. Stateful: keep one per stream so no samples are lost between pushes."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._resampler: av.AudioResampler | None = None
+        self._input: tuple[int, int] | None = None
+
+    def push(self, samples: np.ndarray, rate: int, channels: int = 1) -> np.ndarray:
+        """`samples`: int16, shape (n,) for mono or (n, channels) / interleaved (n * channels,)."""
+        samples = np.asarray(samples, dtype=np.int16).reshape(-1)
+        if rate == self.rate and channels == 1:
+            return samples
+        if channels not in _LAYOUTS:
+            raise InputError(f"unsupported channel count {channels}")
+        if self._input != (rate, channels):  # a new format starts a new resampler
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self.rate)
+            self._input = (rate, channels)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout=_LAYOUTS[channels])
+        frame.sample_rate = rate
+        out = self._resampler.resample(frame)
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in out]) if out else np.zeros(0, np.int16)
+
+
+def read_audio(path: str | Path, rate: int) -> np.ndarray:
+    """Decode any audio file to mono int16 at `rate`. Raises InputError, one line, when the
+    file is missing, unreadable, corrupt or has no audio."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise InputError(f"{path}: no audio stream")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+            parts = []
+            for frame in container.decode(audio=0):
+                parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+            parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read audio ({e.__class__.__name__}: {_short(e)})") from None
+    if not parts:
+        raise InputError(f"{path}: the file holds no audio samples")
+    return np.concatenate(parts).astype(np.int16)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else "unknown error"
 
 
 def write_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,3 +73,35 @@ def bench_snac(snac, seconds: float = 10.0, token_rate: float = 150.0, max_frame
     result["default_vs_baseline_cost"] = round(
         result["default"]["ms_per_audio_s"] / result["baseline"]["ms_per_audio_s"], 3)
     return result
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+
+
+def bench_pipeline(settings, input_path: str | None = None) -> dict:
+    """A headless call on the given profile; per turn, the pipeline's own time from the VAD
+    decision to the first audio frame queued, minus the time the models ran in between."""
+    from .audio import read_audio
+    from .headless import run_call
+    from .models import UnifiedModelManager
+    from .monitor import summarize_turns
+    from .session import OUT_RATE
+    from .vad import RATE as IN_RATE
+
+    if input_path is None:
+        gap = np.zeros(int(IN_RATE * 4.0), dtype=np.int16)
+        parts = [read_audio(FIXTURES / name, IN_RATE) for name in ("question1.wav", "question2.wav")]
+        caller = np.concatenate([gap[:IN_RATE], parts[0], gap, parts[1], gap])
+        caller_24k = np.zeros(0, dtype=np.int16)
+    else:
+        caller, caller_24k = read_audio(input_path, IN_RATE), read_audio(input_path, OUT_RATE)
+    models = UnifiedModelManager(settings)
+    try:
+        models.load()
+        result = asyncio.run(run_call(models, caller, caller_24k, settings, seed=0))
+    finally:
+        models.unload()
+    latencies = [t.latency_ms() for t in result.turns]
+    return {"profile": settings.profile, "device": str(models.device), "torch": torch.__version__,
+            "turns": len(result.turns), "latency_ms": summarize_turns(latencies),
+            "per_turn_ms": latencies}

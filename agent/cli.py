@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="WAV file to write (24 kHz mono 16-bit), or - for raw s16le PCM on stdout as it is made")
     say.add_argument("--json", action="store_true", help="print one JSON object with the request's metrics")
 
+    run = sub.add_parser("run", parents=[common], help="play a recording as the caller and answer it (headless call)")
+    run.add_argument("--input", required=True, metavar="CALL.wav", help="the caller's audio (any rate or channel count)")
+    run.add_argument("-o", "--output", metavar="OUT.wav",
+                     help="write the call as a 24 kHz stereo WAV: left the caller, right the agent")
+    run.add_argument("--realtime", action="store_true", help="pace the whole run at real time")
+    run.add_argument("--seed", type=int, help="sampling seed, for repeatable output")
+    run.add_argument("--json", action="store_true", help='print {"turns": [...]} with text and latencies')
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     snac = bench_sub.add_parser("snac", parents=[common], help="streaming SNAC decoder: baseline vs default mode")
@@ -44,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     snac.add_argument("--token-rate", type=float, default=150.0,
                       help="simulated generation speed in tokens/s (82 is real time; default 150)")
     snac.add_argument("--json", action="store_true", help="print one JSON line")
+    pipeline = bench_sub.add_parser("pipeline", parents=[common],
+                                    help="the call pipeline's own overhead per turn (outside the models)")
+    pipeline.add_argument("--input", metavar="CALL.wav", help="caller audio (default: the test fixtures, two questions)")
+    pipeline.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -55,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.profile, args.config)
         if args.command == "say":
             return cmd_say(args, settings)
+        if args.command == "run":
+            return cmd_run(args, settings)
         if args.command == "bench" and args.bench == "snac":
             return cmd_bench_snac(args, settings)
+        if args.command == "bench" and args.bench == "pipeline":
+            return cmd_bench_pipeline(args, settings)
     except (InputError, ConfigError) as e:
         print(f"voice-agent: error: {e}", file=sys.stderr)
         return 2
@@ -119,6 +135,53 @@ def _check_writable(path: str) -> None:
             pass
     except OSError as e:
         raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from .audio import read_audio, write_wav
+    from .headless import run_call
+    from .models import UnifiedModelManager
+    from .monitor import summarize_turns
+    from .session import OUT_RATE
+    from .vad import RATE as IN_RATE
+
+    # Bad input fails before the models load.
+    caller_16k = read_audio(args.input, IN_RATE)
+    caller_24k = read_audio(args.input, OUT_RATE)
+    if args.output:
+        _check_writable(args.output)
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    models = UnifiedModelManager(settings)
+    try:
+        models.load()
+        result = asyncio.run(run_call(models, caller_16k, caller_24k, settings, args.realtime, args.seed))
+    finally:
+        models.unload()
+    if args.output:
+        write_wav(args.output, result.recording, OUT_RATE)
+        log.info("wrote the call (%.1f s, left caller, right agent) to %s", len(result.recording) / OUT_RATE, args.output)
+    turns = [t.to_dict() for t in result.turns]
+    if args.json:
+        print(json.dumps({"input_s": round(result.input_s, 3), "turns": turns,
+                          "latency_ms": summarize_turns([t["latency_ms"] for t in turns])}))
+    else:
+        for t in turns:
+            state = "error: " + t["error"] if t["error"] else ("interrupted" if t["interrupted"] else "answered")
+            print(f"turn {t['index']}: caller {t['start']:.2f}-{t['end']:.2f} s, {state}, "
+                  f"first audio {t['latency_ms']['first_frame_queued']} ms after speech: {t['reply']!r}")
+        if not turns:
+            print("no speech found: 0 turns")
+    return 0
+
+
+def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench import bench_pipeline
+
+    print(json.dumps(bench_pipeline(settings, args.input)) if args.json else bench_pipeline(settings, args.input))
+    return 0
 
 
 def cmd_bench_snac(args: argparse.Namespace, settings: Settings) -> int:

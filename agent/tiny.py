@@ -122,3 +122,82 @@ def _save_tiny_snac(path: Path) -> None:
     model = SNAC(**SNAC_24KHZ_CONFIG)
     (path / "config.json").write_text(json.dumps(SNAC_24KHZ_CONFIG, indent=2))
     torch.save(model.state_dict(), path / "pytorch_model.bin")
+
+
+# --- Voxtral (speech understanding) ---------------------------------------------------
+
+# Voxtral-Mini-3B-2507's tekken.json is a v7 Tekken file: the same 150,000-entry BPE as
+# mistral-common's bundled tekken_240718.json (131,072 ids with 1,000 special ids first;
+# "lang:en" encodes to Voxtral's 9909 1058 1262), every special id listed, and an "audio"
+# section. Version, audio section and the ids 0-19, 24, 25 and 34 are Voxtral's; [ARGS]
+# and [CALL_ID] sit where Mistral's v7 files put them (v7 prompts never use them).
+VOXTRAL_TEKKEN_VERSION = "v7"
+VOXTRAL_AUDIO_CONFIG = {
+    "sampling_rate": 16000,
+    "frame_rate": 12.5,  # 375 audio tokens per 30 s chunk
+    "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400},
+    "chunk_length_s": 30.0,
+}
+VOXTRAL_SPECIALS = {  # rank -> token; the ranks in between are <SPECIAL_n> fillers
+    0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 5: "[AVAILABLE_TOOLS]",
+    6: "[/AVAILABLE_TOOLS]", 7: "[TOOL_RESULTS]", 8: "[/TOOL_RESULTS]", 9: "[TOOL_CALLS]",
+    10: "[IMG]", 11: "<pad>", 12: "[IMG_BREAK]", 13: "[IMG_END]", 14: "[PREFIX]", 15: "[MIDDLE]",
+    16: "[SUFFIX]", 17: "[SYSTEM_PROMPT]", 18: "[/SYSTEM_PROMPT]", 19: "[TOOL_CONTENT]",
+    24: "[AUDIO]", 25: "[BEGIN_AUDIO]", 32: "[ARGS]", 33: "[CALL_ID]", 34: "[TRANSCRIBE]",
+}
+VOXTRAL_AUDIO_TOKEN = 24
+
+
+def tiny_voxtral_dir() -> Path:
+    """A saved tiny Voxtral checkpoint with its processor (built on first use)."""
+    return _build_once(cache_root() / "voxtral", _save_tiny_voxtral, "tiny Voxtral (real Tekken tokenizer)")
+
+
+def write_voxtral_tekken(target: Path) -> Path:
+    """Write a Voxtral-style tekken.json: the real Tekken vocabulary shipped with
+    mistral-common, with Voxtral's version, special ids and audio section."""
+    import mistral_common
+
+    source = Path(mistral_common.__file__).parent / "data" / "tekken_240718.json"
+    data = json.loads(source.read_text(encoding="utf-8"))
+    n_special = data["config"]["default_num_special_tokens"]
+    data["config"]["version"] = VOXTRAL_TEKKEN_VERSION
+    data["special_tokens"] = [
+        {"rank": i, "token_str": VOXTRAL_SPECIALS.get(i, f"<SPECIAL_{i}>"), "is_control": True}
+        for i in range(n_special)
+    ]
+    data["audio"] = VOXTRAL_AUDIO_CONFIG
+    target.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return target
+
+
+def tiny_voxtral_config(vocab_size: int = 131072):
+    from transformers import VoxtralConfig
+
+    text = dict(
+        model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=32768, rope_theta=100000000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=11,
+    )
+    # intermediate_size must be 4 x hidden_size: the projector takes 4 encoder frames per
+    # audio token. max_source_positions stays 1500 (30 s), as the processor chunks audio so.
+    audio = dict(
+        model_type="voxtral_encoder", hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_mel_bins=128, max_source_positions=1500,
+    )
+    return VoxtralConfig(text_config=text, audio_config=audio, audio_token_id=VOXTRAL_AUDIO_TOKEN,
+                         projector_hidden_act="gelu")
+
+
+def _save_tiny_voxtral(path: Path) -> None:
+    from transformers import (MistralCommonBackend, VoxtralForConditionalGeneration, VoxtralProcessor,
+                              WhisperFeatureExtractor)
+
+    tokenizer = MistralCommonBackend(tokenizer_path=write_voxtral_tekken(path / "tekken.json"))
+    # Voxtral's preprocessor_config.json: 128 mel bins, 30 s windows.
+    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30,
+                                       n_fft=400, padding_value=0.0, dither=0.0, return_attention_mask=False)
+    VoxtralProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(path)
+    torch.manual_seed(WEIGHTS_SEED)
+    VoxtralForConditionalGeneration(tiny_voxtral_config(len(tokenizer))).save_pretrained(path)

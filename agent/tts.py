@@ -14,7 +14,6 @@ import logging
 import random
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from .config import Settings
 from .errors import AudioGenerationError, InputError
 from .memory import GPUMemoryManager, resolve_device, resolve_dtype
+from .models import DeviceThread
 from .monitor import PerformanceMonitor, RequestMetrics
 from .orpheus import FrameAssembler, OrpheusDirectModel, SamplingParams, TokenStream
 from .snac_codec import StreamingSNACDecoder, load_snac, to_int16
@@ -92,15 +92,17 @@ class TTSServiceDirect:
 
     def __init__(self, orpheus: OrpheusDirectModel, snac, settings: Settings,
                  monitor: PerformanceMonitor | None = None,
-                 memory: GPUMemoryManager | None = None) -> None:
+                 memory: GPUMemoryManager | None = None,
+                 device_thread: "DeviceThread | None" = None) -> None:
         self.orpheus = orpheus
         self.snac = snac
         self.settings = settings
         self.monitor = monitor or PerformanceMonitor(settings.monitor)
         self.memory = memory
         self.active: set[SpeechStream] = set()
-        # The device thread: every model call of this service runs here.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-device")
+        # Every model call runs on the device thread (shared with Voxtral when given).
+        self._owns_thread = device_thread is None
+        self.device_thread = device_thread or DeviceThread()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TTSServiceDirect":
@@ -178,10 +180,9 @@ class TTSServiceDirect:
         o = self.settings.orpheus
         params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, o.max_tokens)
         stream = self.open_stream(sentence, voice, seed, params)
-        loop = asyncio.get_running_loop()
         try:
             while not stream.done:
-                audio = await loop.run_in_executor(self._executor, stream.step)
+                audio = await self.device_thread.run(stream.step)
                 now = time.perf_counter()
                 if m.first_token is None and stream.tokens.position > 0:
                     m.first_token = now
@@ -209,7 +210,8 @@ class TTSServiceDirect:
         """Stop every stream and the device thread. The models stay loaded (see unload)."""
         for stream in list(self.active):
             stream.close()
-        self._executor.shutdown(wait=True)
+        if self._owns_thread:
+            self.device_thread.shutdown()
 
     def unload(self) -> None:
         """Close, then free the models and their memory (for the owner of the models)."""
@@ -249,7 +251,8 @@ def resolve_source(name: str, kind: str) -> str:
         return name
     from . import tiny
 
-    return str(tiny.tiny_orpheus_dir() if kind == "orpheus" else tiny.tiny_snac_dir())
+    build = {"orpheus": tiny.tiny_orpheus_dir, "snac": tiny.tiny_snac_dir, "voxtral": tiny.tiny_voxtral_dir}
+    return str(build[kind]())
 
 
 def _works(orpheus: OrpheusDirectModel) -> bool:

@@ -47,7 +47,11 @@ def test_prompt_layout_matches_the_reference(tts_models):
 
 
 def test_missing_weights_name_the_model_and_the_way_out(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import; set the constant too, or it retries the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelInitializationError, match=r"'canopylabs/orpheus-3b-0\.1-ft'.*--profile tiny"):
         OrpheusDirectModel.load("canopylabs/orpheus-3b-0.1-ft", torch.device("cpu"), torch.float32)

@@ -1,0 +1,137 @@
+"""The models of one process: loaded once, on one device, shared by every call.
+
+`UnifiedModelManager` loads Voxtral, then Orpheus and SNAC, one after the other,
+checking the memory budget before each, and owns the `DeviceThread` on which all model
+work runs, so the asyncio event loop never waits on a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from .config import Settings
+from .errors import ModelInitializationError
+from .memory import GPUMemoryManager, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+class DeviceThread:
+    """One worker thread for model work; calls run in the order they were made.
+
+    `busy_s` adds up the time spent in calls, so callers can tell model time from
+    their own overhead."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._lock = threading.Lock()
+        self.busy_s = 0.0
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.busy_s += time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class UnifiedModelManager:
+    """Voxtral + Orpheus + SNAC on one device, with a memory check before each load."""
+
+    _instance: "UnifiedModelManager | None" = None
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device.device)
+        self.dtype = resolve_dtype(settings.device.dtype, self.device)
+        self.memory = GPUMemoryManager(self.device, settings.device.headroom_gb)
+        self.device_thread = DeviceThread()
+        self.voxtral = None
+        self.tts = None
+        self.memory_by_model: dict[str, float] = {}  # MiB allocated by each model (GPU)
+
+    @classmethod
+    def shared(cls, settings: Settings) -> "UnifiedModelManager":
+        """The process's one manager, loaded on first use."""
+        if cls._instance is None:
+            cls._instance = cls(settings)
+            cls._instance.load()
+        elif cls._instance.settings != settings:
+            raise ModelInitializationError("the models are already loaded with other settings")
+        return cls._instance
+
+    @property
+    def ready(self) -> bool:
+        return self.voxtral is not None and self.tts is not None
+
+    def load(self) -> None:
+        from .orpheus import OrpheusDirectModel
+        from .snac_codec import load_snac
+        from .tts import TTSServiceDirect, resolve_source
+        from .voxtral import VoxtralModel
+
+        s = self.settings
+        t0 = time.perf_counter()
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        voxtral_source = resolve_source(s.voxtral.model, "voxtral")
+        log.info("loading Voxtral from %s on %s (%s)...", voxtral_source, self.device, dtype_name)
+        self.voxtral = self._measured("voxtral", lambda: self._with_fp32_fallback(
+            lambda dtype: VoxtralModel.load(voxtral_source, self.device, dtype, self.memory.check)))
+        orpheus_source = resolve_source(s.orpheus.model, "orpheus")
+        log.info("loading Orpheus from %s...", orpheus_source)
+        orpheus = self._measured("orpheus", lambda: self._with_fp32_fallback(
+            lambda dtype: OrpheusDirectModel.load(orpheus_source, self.device, dtype, self.memory.check)))
+        snac_source = resolve_source(s.snac.model, "snac")
+        log.info("loading SNAC from %s...", snac_source)
+        snac = self._measured("snac", lambda: load_snac(snac_source, self.device, s.snac.noise, self.memory.check))
+        self.tts = TTSServiceDirect(orpheus, snac, s, memory=self.memory, device_thread=self.device_thread)
+        log.info("models ready in %.1f s: %s", time.perf_counter() - t0, self.memory_report())
+
+    def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any]) -> Any:
+        try:
+            return load(self.dtype)
+        except ModelInitializationError:
+            raise
+        except RuntimeError as e:  # half precision the GPU cannot run
+            if self.dtype == torch.float32:
+                raise
+            log.warning("loading in %s failed (%s); retrying in float32", self.dtype, e)
+            self.memory.cleanup()
+            return load(torch.float32)
+
+    def _measured(self, name: str, load: Callable[[], Any]) -> Any:
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        model = load()
+        after = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        self.memory_by_model[name] = (after - before) / 1024**2
+        return model
+
+    def memory_report(self) -> dict[str, Any]:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "per_model_mib": {k: round(v, 1) for k, v in self.memory_by_model.items()},
+                **{k: round(v, 1) for k, v in self.memory.stats().items()}}
+
+    def unload(self) -> None:
+        if self.tts is not None:
+            self.tts.unload()
+        if self.voxtral is not None:
+            self.voxtral.unload()
+        self.tts = self.voxtral = None
+        self.device_thread.shutdown()
+        self.memory.cleanup()
+        if UnifiedModelManager._instance is self:
+            UnifiedModelManager._instance = None

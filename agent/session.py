@@ -1,0 +1,443 @@
+"""One call: the caller's audio in, the agent's audio out, whatever the transport.
+
+    push_audio() ─► Resampler (16 kHz mono) ─► VADSegmenter ─► Utterance
+        ─► Voxtral reply, streamed token by token ─► TextSegmenter (first clause, then sentences)
+        ─► TTSServiceDirect ─► OutboundAudio (fixed-size frames) ─► the transport's player
+
+A transport only calls push_audio() with what it receives and takes frames from
+`outbound` at its own pace (20 ms by default); `events` tells what happened. When the
+caller starts speaking while the agent is thinking or talking (barge-in), the turn is
+cancelled, which stops generation, and the queued audio is dropped at once; the
+conversation keeps only the part of the reply that was played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .audio import Resampler
+from .config import Settings
+from .models import UnifiedModelManager
+from .vad import RATE as IN_RATE
+from .vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
+from .voxtral import ChatTurn, ReplyParams
+
+log = logging.getLogger(__name__)
+OUT_RATE = 24000
+
+
+# -- events ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CallerSpeechStarted:
+    t: float
+
+
+@dataclass(frozen=True)
+class CallerSpeechStopped:
+    t: float
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class AgentReplyText:
+    turn: int
+    text: str  # a clause or sentence handed to TTS
+
+
+@dataclass(frozen=True)
+class AgentInterrupted:
+    turn: int
+    played_text: str
+    dropped_frames: int
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    turn: "TurnRecord"
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    turn: int
+    error: str
+
+
+SessionEvent = CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | TurnFinished | TurnFailed
+
+
+# -- turns -------------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    text: str
+    produced: int = 0  # samples made by TTS
+    played: int = 0  # samples taken by the player
+
+
+@dataclass
+class TurnRecord:
+    index: int
+    start: float  # caller's utterance, session seconds
+    end: float  # end of the last voiced frame
+    decided_at: float
+    segments: list[Segment] = field(default_factory=list)
+    reply_text: str = ""
+    interrupted: bool = False
+    played_text: str | None = None  # set once known: the whole reply, or what was heard
+    error: str | None = None
+    # Session-clock times of the stages, and device time used, for the latency breakdown.
+    t_decision: float = 0.0
+    t_first_token: float | None = None
+    t_first_tts_audio: float | None = None
+    t_first_frame: float | None = None
+    agent_start: float | None = None  # first and last frame taken by the player
+    agent_end: float | None = None
+    busy_at_decision: float = 0.0
+    busy_at_first_frame: float | None = None
+
+    def latency_ms(self) -> dict[str, float | None]:
+        """From the end of the caller's speech (the last voiced frame) to each stage."""
+        ms = lambda t: None if t is None else round((t - self.end) * 1000, 1)  # noqa: E731
+        overhead = None
+        if self.t_first_frame is not None and self.busy_at_first_frame is not None:
+            span = self.t_first_frame - self.t_decision
+            overhead = round((span - (self.busy_at_first_frame - self.busy_at_decision)) * 1000, 2)
+        return {"vad": ms(self.t_decision), "first_token": ms(self.t_first_token),
+                "first_tts_audio": ms(self.t_first_tts_audio), "first_frame_queued": ms(self.t_first_frame),
+                "pipeline_overhead": overhead}
+
+    def heard_text(self) -> str:
+        """The reply as far as the caller heard it (word-level, by the share of audio played)."""
+        words: list[str] = []
+        for seg in self.segments:
+            if seg.produced == 0 or seg.played == 0:
+                break
+            seg_words = seg.text.split()
+            share = min(1.0, seg.played / seg.produced)
+            words.extend(seg_words[:round(share * len(seg_words))])
+            if share < 1.0:
+                break
+        return " ".join(words)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = lambda t: None if t is None else round(t, 3)  # noqa: E731
+        return {"index": self.index, "start": r(self.start), "end": r(self.end),
+                "reply": self.played_text if self.played_text is not None else self.reply_text,
+                "generated": self.reply_text, "interrupted": self.interrupted, "error": self.error,
+                "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
+                "latency_ms": self.latency_ms()}
+
+
+class TextSegmenter:
+    """Streaming reply text -> pieces for TTS: the first clause (at least
+    `min_first_chars` long) as soon as it is complete, then whole sentences."""
+
+    _CLAUSE = re.compile(r"[,;:—.!?…][\"')\]]*\s")
+    _SENTENCE = re.compile(r"[.!?…][\"')\]]*\s")
+
+    def __init__(self, min_first_chars: int) -> None:
+        self.min_first_chars = min_first_chars
+        self.first = True
+        self.buffer = ""
+
+    def push(self, text: str) -> list[str]:
+        self.buffer += text
+        out = []
+        while True:
+            pattern = self._CLAUSE if self.first else self._SENTENCE
+            least = self.min_first_chars if self.first else 1
+            cut = next((m.end() for m in pattern.finditer(self.buffer) if m.end() >= least), None)
+            if cut is None:
+                return out
+            piece, self.buffer = self.buffer[:cut].strip(), self.buffer[cut:]
+            if piece:
+                out.append(piece)
+                self.first = False
+
+    def flush(self) -> str | None:
+        piece, self.buffer = self.buffer.strip(), ""
+        return piece or None
+
+
+# -- outbound audio ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutFrame:
+    samples: np.ndarray  # int16, exactly one frame
+    turn: int
+    segment: int
+
+
+class OutboundAudio:
+    """The agent's audio as fixed-size frames. TTS waits in put() while `max_frames` are
+    queued (backpressure); the player takes frames with get_nowait(); clear() drops
+    everything at once (barge-in)."""
+
+    def __init__(self, frame_samples: int, max_frames: int,
+                 on_played: Callable[[OutFrame], None] | None = None) -> None:
+        self.frame_samples = frame_samples
+        self.max_frames = max_frames
+        self.on_played = on_played
+        self._frames: deque[OutFrame] = deque()
+        self._carry = np.zeros(0, dtype=np.int16)
+        self._carry_tag = (0, 0)
+        self._space = asyncio.Event()
+        self._space.set()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    async def put(self, samples: np.ndarray, turn: int, segment: int) -> int:
+        """Queue audio; returns how many whole frames it completed."""
+        if not len(self._carry):
+            self._carry_tag = (turn, segment)
+        data = np.concatenate([self._carry, samples.astype(np.int16)])
+        n = len(data) // self.frame_samples
+        made = 0
+        for i in range(n):
+            while len(self._frames) >= self.max_frames:
+                self._space.clear()
+                await self._space.wait()
+            tag = self._carry_tag if i == 0 else (turn, segment)
+            self._frames.append(OutFrame(data[i * self.frame_samples:(i + 1) * self.frame_samples], *tag))
+            made += 1
+        self._carry = data[n * self.frame_samples:]
+        if len(self._carry):
+            self._carry_tag = (turn, segment)
+        return made
+
+    def finish(self) -> None:
+        """End of a reply: the last partial frame goes out, padded with silence."""
+        if len(self._carry):
+            frame = np.zeros(self.frame_samples, dtype=np.int16)
+            frame[:len(self._carry)] = self._carry
+            self._frames.append(OutFrame(frame, *self._carry_tag))
+            self._carry = np.zeros(0, dtype=np.int16)
+
+    def get_nowait(self) -> OutFrame | None:
+        if not self._frames:
+            return None
+        frame = self._frames.popleft()
+        self._space.set()
+        if self.on_played is not None:
+            self.on_played(frame)
+        return frame
+
+    def clear(self) -> int:
+        dropped = len(self._frames)
+        self._frames.clear()
+        self._carry = np.zeros(0, dtype=np.int16)
+        self._space.set()
+        return dropped
+
+
+# -- the session -------------------------------------------------------------------
+
+class _ReplyFailed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class CallSession:
+    """One call. Create it inside a running event loop; close() when the call ends."""
+
+    def __init__(self, models: UnifiedModelManager, settings: Settings | None = None,
+                 clock: Callable[[], float] = time.monotonic, voice: str | None = None,
+                 seed: int | None = None) -> None:
+        self.models = models
+        self.settings = settings or models.settings
+        s = self.settings
+        self.clock = clock
+        self._t0 = clock()
+        self.voice = models.tts.validate_voice(voice or s.session.voice or None)
+        self.seed = seed if seed is not None else (s.tts.seed if s.tts.seed >= 0 else random.randrange(2**31))
+        self.vad = VADSegmenter(s.vad)
+        self.resampler = Resampler(IN_RATE)
+        frame_samples = OUT_RATE * s.session.frame_ms // 1000
+        max_frames = max(1, int(s.session.max_queued_s * 1000 / s.session.frame_ms))
+        self.outbound = OutboundAudio(frame_samples, max_frames, on_played=self._on_played)
+        self.events: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize=1000)
+        self.turns: list[TurnRecord] = []
+        self._context: deque[tuple[np.ndarray, TurnRecord]] = deque(maxlen=s.session.max_history_turns)
+        self._unanswered = np.zeros(0, dtype=np.int16)  # caller audio of a turn cut before any reply was heard
+        self._turn_task: asyncio.Task | None = None
+        self._current: TurnRecord | None = None
+        self.closed = False
+
+    def now(self) -> float:
+        """Session time in seconds since the call started."""
+        return self.clock() - self._t0
+
+    @property
+    def agent_busy(self) -> bool:
+        """The agent is thinking or has audio still to play."""
+        return (self._turn_task is not None and not self._turn_task.done()) or len(self.outbound) > 0
+
+    @property
+    def history(self) -> list[ChatTurn]:
+        """The conversation context given to Voxtral (bounded by session.max_history_turns)."""
+        turns: list[ChatTurn] = []
+        for audio, record in self._context:
+            if not record.played_text:
+                continue  # cut before a word was heard after the turn ended
+            turns.append(ChatTurn("user", audio=_to_float(audio)))
+            turns.append(ChatTurn("assistant", text=record.played_text or ""))
+        return turns
+
+    # -- input ---------------------------------------------------------------------
+
+    def push_audio(self, samples: np.ndarray, rate: int, channels: int = 1) -> None:
+        """Caller audio as received (int16, any rate, interleaved channels). Never blocks."""
+        if self.closed:
+            return
+        for event in self.vad.push(self.resampler.push(samples, rate, channels)):
+            if isinstance(event, SpeechStarted):
+                self._emit(CallerSpeechStarted(event.start))
+                if self.agent_busy:
+                    self.barge_in()
+            elif isinstance(event, Utterance):
+                self._emit(CallerSpeechStopped(event.end, event.end - event.start))
+                self._start_turn(event)
+            elif isinstance(event, SpeechDiscarded):
+                log.debug("ignored a short sound at %.2f s", event.start)
+
+    def barge_in(self) -> None:
+        """The caller talks over the agent: stop the turn and drop its queued audio now."""
+        record = self._current
+        dropped = self.outbound.clear()
+        if self._turn_task is not None and not self._turn_task.done():
+            self._turn_task.cancel()
+        if record is None or record.interrupted:
+            return
+        record.interrupted = True
+        record.played_text = record.heard_text()
+        self._emit(AgentInterrupted(record.index, record.played_text, dropped))
+        log.info("turn %d interrupted after: %r", record.index, record.played_text)
+
+    # -- a turn --------------------------------------------------------------------
+
+    def _start_turn(self, utt: Utterance) -> None:
+        now = self.now()
+        lag = self.vad.now - utt.decided_at  # VAD stream time vs this moment (0 unless buffered)
+        shift = now - utt.decided_at - lag  # session time = stream time + shift
+        record = TurnRecord(index=len(self.turns) + 1, start=utt.start + shift, end=utt.end + shift,
+                            decided_at=utt.decided_at + shift, t_decision=now,
+                            busy_at_decision=self.models.device_thread.busy_s)
+        audio = np.concatenate([self._unanswered, utt.audio]) if len(self._unanswered) else utt.audio
+        self._unanswered = np.zeros(0, dtype=np.int16)
+        self.turns.append(record)
+        self._current = record
+        self._turn_task = asyncio.get_running_loop().create_task(self._run_turn(record, audio))
+
+    async def _run_turn(self, record: TurnRecord, audio: np.ndarray) -> None:
+        texts: asyncio.Queue = asyncio.Queue()
+        producer = asyncio.create_task(self._reply_text(record, audio, texts))
+        try:
+            await self._speak(record, texts)
+            if record.played_text is None:
+                record.played_text = " ".join(seg.text for seg in record.segments)
+            self._emit(TurnFinished(record))
+        except asyncio.CancelledError:
+            pass  # barge-in or hang-up; barge_in() recorded what was heard
+        except Exception as e:  # a model failure ends this turn only
+            record.error = f"{type(e).__name__}: {e}"
+            log.warning("turn %d failed: %s", record.index, record.error)
+            self._emit(TurnFailed(record.index, record.error))
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+            self._remember(record, audio)
+
+    def _remember(self, record: TurnRecord, audio: np.ndarray) -> None:
+        if record.error is not None:
+            return
+        if record.interrupted and not record.played_text:
+            # Nothing was heard: the caller's words belong with what they say next.
+            self._unanswered = audio
+            return
+        if self._context.maxlen:
+            self._context.append((audio, record))
+
+    async def _reply_text(self, record: TurnRecord, audio: np.ndarray, texts: asyncio.Queue) -> None:
+        v = self.settings.voxtral
+        params = ReplyParams(v.temperature, v.top_p, v.max_new_tokens)
+        segmenter = TextSegmenter(self.settings.session.min_first_chunk_chars)
+        device = self.models.device_thread
+        stream = None
+        try:
+            stream = await device.run(self.models.voxtral.reply_stream, _to_float(audio), self.history,
+                                      self.settings.session.instructions, params, self.seed + record.index)
+            while (piece := await device.run(stream.step)) is not None:
+                if record.t_first_token is None:
+                    record.t_first_token = self.now()
+                record.reply_text += piece
+                for text in segmenter.push(piece):
+                    texts.put_nowait(text)
+            rest = segmenter.flush()
+            if rest:
+                texts.put_nowait(rest)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            texts.put_nowait(_ReplyFailed(e))
+        finally:
+            if stream is not None:
+                stream.close()
+            texts.put_nowait(None)
+
+    async def _speak(self, record: TurnRecord, texts: asyncio.Queue) -> None:
+        tts = self.models.tts
+        while (item := await texts.get()) is not None:
+            if isinstance(item, _ReplyFailed):
+                raise item.error
+            segment = Segment(item)
+            record.segments.append(segment)
+            index = len(record.segments) - 1
+            self._emit(AgentReplyText(record.index, item))
+            async for chunk in tts.synthesize(item, self.voice, self.seed + 1000 * record.index + index):
+                if record.t_first_tts_audio is None:
+                    record.t_first_tts_audio = self.now()
+                segment.produced += len(chunk)
+                made = await self.outbound.put(chunk, record.index, index)
+                if made and record.t_first_frame is None:
+                    record.t_first_frame = self.now()
+                    record.busy_at_first_frame = self.models.device_thread.busy_s
+        self.outbound.finish()
+
+    def _on_played(self, frame: OutFrame) -> None:
+        record = self.turns[frame.turn - 1] if 0 < frame.turn <= len(self.turns) else None
+        if record is None:
+            return
+        now = self.now()
+        record.agent_start = record.agent_start if record.agent_start is not None else now
+        record.agent_end = now + self.settings.session.frame_ms / 1000
+        if frame.segment < len(record.segments):
+            record.segments[frame.segment].played += len(frame.samples)
+
+    def _emit(self, event: SessionEvent) -> None:
+        if self.events.full():
+            self.events.get_nowait()  # nobody is reading: keep the newest
+        self.events.put_nowait(event)
+
+    async def close(self) -> None:
+        """Hang up: stop generation, drop queued audio, end the turn task."""
+        self.closed = True
+        self.outbound.clear()
+        task = self._turn_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _to_float(pcm: np.ndarray) -> np.ndarray:
+    return pcm.astype(np.float32) / 32768.0

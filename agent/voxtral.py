@@ -1,0 +1,300 @@
+"""Voxtral: the listening half. Audio (plus the conversation so far) in, text out.
+
+Voxtral is a Whisper-style audio encoder, a projector and a Llama decoder. Its processor
+(WhisperFeatureExtractor + mistral-common's Tekken tokenizer) pads audio to whole 30 s
+chunks; each chunk becomes 375 [AUDIO] placeholder tokens whose embeddings the encoder
+fills in. Two modes: understanding (a chat; the reply is the agent's answer) and
+transcription. The decode loop is written out plainly as in orpheus.TokenStream: one
+prefill with the audio features, then one forward per token with the KV cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError, ModelInitializationError
+from .orpheus import estimate_llama_bytes, first_line
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+# mistral-common pads audio up to a multiple of 30 s, which leaves an empty clip empty
+# (and then nothing to encode); one audio token's worth of silence (80 ms) avoids that.
+MIN_SAMPLES = 1280
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str  # "user" or "assistant"
+    audio: np.ndarray | None = None  # user turns: float32 mono 16 kHz in [-1, 1]
+    text: str | None = None  # assistant turns (and optional user text)
+
+
+@dataclass(frozen=True)
+class ReplyParams:
+    temperature: float = 0.2
+    top_p: float = 0.95
+    max_new_tokens: int = 200
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Temperature and top-p sampling over one row of logits (argmax at temperature 0)."""
+    scores = logits.float()
+    if temperature <= 0.0:
+        return int(torch.argmax(scores))
+    probs = torch.softmax(scores / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always the first).
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """One generation. step() runs one forward pass (the first one is the prefill) and
+    returns the newly decoded text ("" while a multi-byte character is incomplete), or
+    None when finished.
+
+    Holds the KV cache until it finishes or is closed; close() frees it at once and is
+    safe to call from any thread at any time. Attributes: finished, tokens (generated),
+    token_ids, text (all so far), prompt_ids, prompt_tokens, stopped_by_model.
+    """
+
+    def __init__(self, model: "VoxtralModel", inputs: dict[str, torch.Tensor], params: ReplyParams,
+                 seed: int) -> None:
+        self.model = model
+        self.params = params
+        self.prompt_ids: list[int] = inputs["input_ids"][0].tolist()
+        self.prompt_tokens = len(self.prompt_ids)
+        self.eos_token_id = model.eos_token_id
+        self.generator = torch.Generator(device=model.device)
+        self.generator.manual_seed(seed)
+        self.finished = False
+        self.stopped_by_model = False  # True when the model chose EOS
+        self.tokens = 0  # generated so far (EOS not counted)
+        self.token_ids: list[int] = []
+        self.text = ""
+        # Tekken tokens are byte strings; a character may span tokens. The incremental
+        # decoder holds an incomplete tail back until its last byte arrives.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._cache = None
+        # Prefill input: the prompt ids and the mel features of every audio in it.
+        self._next_input: dict[str, torch.Tensor] | None = {
+            "input_ids": inputs["input_ids"].to(model.device),
+            "input_features": inputs["input_features"].to(model.device, model.dtype),
+        }
+        self._lock = threading.Lock()  # close() may come from the event loop mid-step
+
+    @torch.inference_mode()
+    def step(self) -> str | None:
+        """Run one forward pass and return the new text, or None when done."""
+        with self._lock:
+            if self.finished:
+                return None
+            if self.tokens >= self.params.max_new_tokens:
+                self._close_locked()
+                return None
+            inputs, cache = self._next_input, self._cache
+        try:
+            out = self.model.forward(inputs, cache)
+        except BaseException:
+            self.close()  # a failed step (out of memory, say) must not keep the cache
+            raise
+        with self._lock:
+            if self.finished:  # closed (cancelled) while the forward pass ran
+                return None
+            self._cache = out.past_key_values
+            token = sample_token(out.logits[0, -1], self.params.temperature, self.params.top_p, self.generator)
+            if token == self.eos_token_id:
+                self.stopped_by_model = True
+                self._close_locked()
+                return None
+            self.tokens += 1
+            self.token_ids.append(token)
+            piece = self._utf8.decode(self.model.token_bytes(token))
+            self.text += piece
+            if self.tokens >= self.params.max_new_tokens:
+                self._close_locked()  # free the cache now rather than on the next step
+            else:
+                self._next_input = {"input_ids": torch.tensor([[token]], device=self.model.device)}
+            return piece
+
+    def close(self) -> None:
+        """Finish now and free the KV cache; safe to call from any thread, any time."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        # An incomplete character at the very end is dropped, never half-emitted.
+        self.finished = True
+        self._cache = None
+        self._next_input = None
+
+    @property
+    def holds_cache(self) -> bool:
+        return self._cache is not None
+
+
+class VoxtralModel:
+    """Voxtral and its processor, loaded in-process with transformers."""
+
+    def __init__(self, model: torch.nn.Module, processor, source: str) -> None:
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        self.model = model
+        self.processor = processor
+        self.source = source
+        self.forward_calls = 0  # every forward pass counts; tests use it to see generation stop
+        self._lock = threading.Lock()
+        tekken = processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer
+        if not isinstance(tekken, Tekkenizer):
+            raise ModelInitializationError(f"model {source!r} has no Tekken tokenizer (tekken.json)")
+        self._tekken = tekken
+        self.eos_token_id: int = processor.tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @classmethod
+    def load(cls, source: str, device: torch.device, dtype: torch.dtype,
+             check_memory: Callable[[str, int], None] | None = None) -> "VoxtralModel":
+        """Load from a Hub id or a local directory. `check_memory(name, bytes)` may refuse."""
+        from transformers import AutoConfig, VoxtralForConditionalGeneration, VoxtralProcessor
+
+        try:
+            config = AutoConfig.from_pretrained(source)
+            if config.model_type != "voxtral":
+                raise ValueError(f"model type is {config.model_type!r}, not 'voxtral'")
+            if check_memory is not None:
+                check_memory(f"Voxtral ({source})", estimate_voxtral_bytes(config, dtype))
+            processor = VoxtralProcessor.from_pretrained(source)
+            model = VoxtralForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        except ModelInitializationError:
+            raise
+        except Exception as e:  # transformers raises OSError, ValueError, HF errors...
+            raise ModelInitializationError(
+                f"cannot load Voxtral model {source!r}: {first_line(e)}. "
+                "To run without downloaded weights, use --profile tiny."
+            ) from e
+        model.to(device).eval()
+        return cls(model, processor, source)
+
+    def reply_stream(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
+                     params: ReplyParams, seed: int) -> TextStream:
+        """Understanding mode: answer `audio`, the caller's new turn, after `history`."""
+        from mistral_common.exceptions import MistralCommonException
+
+        conversation = self.conversation(audio, history, instructions)
+        try:
+            inputs = self.processor.apply_chat_template(conversation)
+        except (MistralCommonException, ValueError) as e:  # mistral-common rejects the structure
+            raise InputError(f"cannot build the Voxtral prompt: {first_line(e)}") from e
+        return TextStream(self, inputs, params, seed)
+
+    def transcribe_stream(self, audio: np.ndarray, language: str | None, params: ReplyParams,
+                          seed: int) -> TextStream:
+        """Transcription mode; `language` is an ISO 639-1 code, or None to detect it."""
+        from mistral_common.exceptions import MistralCommonException
+
+        try:
+            inputs = self.processor.apply_transcription_request(
+                language=language, audio=prepare_audio(audio), model_id=self.source,
+                sampling_rate=SAMPLE_RATE, format="wav")
+        except (MistralCommonException, ValueError) as e:  # pydantic's error for an unknown language too
+            raise InputError(f"cannot build the Voxtral transcription prompt: {first_line(e)}") from e
+        return TextStream(self, inputs, params, seed)
+
+    def conversation(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str) -> list[dict]:
+        """The chat for the processor: history, then the new user turn. Voxtral takes no
+        system prompt, so the instructions open the first user message."""
+        messages: list[dict[str, Any]] = []
+        pending = instructions.strip()
+        for turn in [*history, ChatTurn("user", audio=audio)]:
+            if turn.role == "assistant":
+                if not turn.text:
+                    continue  # an interrupted reply that said nothing
+                if not messages:
+                    # A chat must open with a user message; an agent that greets first
+                    # gets one holding only the instructions (or loses the greeting).
+                    if not pending:
+                        continue
+                    messages.append({"role": "user", "content": [{"type": "text", "text": pending}]})
+                    pending = ""
+                messages.append({"role": "assistant", "content": turn.text})
+            elif turn.role == "user":
+                content: list[dict[str, str]] = []
+                if pending:
+                    content.append({"type": "text", "text": pending})
+                    pending = ""
+                if turn.text:
+                    content.append({"type": "text", "text": turn.text})
+                if turn.audio is not None:
+                    content.append({"type": "audio", "base64": wav_base64(turn.audio)})
+                if content:
+                    messages.append({"role": "user", "content": content})
+            else:
+                raise InputError(f"unknown chat role {turn.role!r} (use 'user' or 'assistant')")
+        return messages
+
+    def forward(self, inputs: dict[str, torch.Tensor], cache):
+        # One stream at a time on the model; steps of different streams interleave.
+        with self._lock:
+            self.forward_calls += 1
+            return self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one generated token; control tokens give b""."""
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        return self._tekken.id_to_byte_piece(token_id, SpecialTokenPolicy.IGNORE)
+
+    def unload(self) -> None:
+        self.model = None
+        self.processor = None
+
+
+def prepare_audio(audio: np.ndarray) -> np.ndarray:
+    """float32 mono, at least MIN_SAMPLES long (zero padded)."""
+    samples = np.asarray(audio, dtype=np.float32)
+    if samples.ndim != 1:
+        raise InputError(f"Voxtral needs mono audio (one dimension), got shape {samples.shape}")
+    if samples.size < MIN_SAMPLES:
+        samples = np.pad(samples, (0, MIN_SAMPLES - samples.size))
+    return samples
+
+
+def wav_base64(audio: np.ndarray) -> str:
+    """Audio as a base64 WAV, the form the chat template takes for in-memory audio.
+    32-bit float samples, so nothing is lost on the way."""
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, prepare_audio(audio), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def estimate_voxtral_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of a Voxtral model's weights, from its config alone (nothing is loaded)."""
+    audio, hidden = config.audio_config, config.text_config.hidden_size
+    h, i, mel = audio.hidden_size, audio.intermediate_size, audio.num_mel_bins
+    convs = mel * h * 3 + h + h * h * 3 + h
+    per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h  # attention, MLP, two norms
+    encoder = convs + audio.max_source_positions * h + audio.num_hidden_layers * per_layer + 2 * h
+    projector = i * hidden + hidden * hidden
+    return estimate_llama_bytes(config.text_config, dtype) + (encoder + projector) * torch.finfo(dtype).bits // 8
