@@ -24,7 +24,7 @@ from .errors import AudioGenerationError, InputError
 from .memory import GPUMemoryManager, resolve_device, resolve_dtype
 from .models import DeviceThread
 from .monitor import PerformanceMonitor, RequestMetrics
-from .orpheus import FrameAssembler, OrpheusDirectModel, SamplingParams, TokenStream
+from .orpheus import FRAME_TOKENS, FrameAssembler, OrpheusDirectModel, SamplingParams, TokenStream
 from .snac_codec import StreamingSNACDecoder, load_snac, to_int16
 
 log = logging.getLogger(__name__)
@@ -63,24 +63,37 @@ def _pack(sentence: str, max_chars: int) -> list[str]:
 
 
 class SpeechStream:
-    """One sentence being spoken: each step() runs one decode step (and a SNAC window
-    when one is due) and returns any new audio. Runs on the device thread."""
+    """One sentence being spoken, advanced on the device thread. advance() runs decode
+    steps (and a SNAC window when one is due) until new audio comes out, the stream
+    ends, or one frame's worth of steps has run, so that other streams' steps can
+    interleave and each hop to the device thread does a useful amount of work."""
 
     def __init__(self, tokens: TokenStream, decoder: StreamingSNACDecoder) -> None:
         self.tokens = tokens
         self.decoder = decoder
         self.assembler = FrameAssembler()
         self.done = False
+        self.first_token_at: float | None = None  # perf_counter time of the first token
 
     def step(self) -> np.ndarray | None:
+        """One decode step; returns new audio, if a SNAC window was decoded."""
         token = self.tokens.step()
         if token is None:
             self.done = True
             audio = self.decoder.flush()
         else:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
             frame = self.assembler.push(token)
             audio = self.decoder.push(frame) if frame is not None else None
         return None if audio is None or len(audio) == 0 else audio
+
+    def advance(self) -> np.ndarray | None:
+        for _ in range(FRAME_TOKENS):
+            audio = self.step()
+            if audio is not None or self.done:
+                return audio
+        return None
 
     def close(self) -> None:
         self.done = True
@@ -179,13 +192,14 @@ class TTSServiceDirect:
     async def _speak(self, sentence: str, voice: str, seed: int, m: RequestMetrics) -> AsyncIterator[np.ndarray]:
         o = self.settings.orpheus
         params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, o.max_tokens)
-        stream = self.open_stream(sentence, voice, seed, params)
+        # Tokenizing the prompt is model work too: it runs on the device thread.
+        stream = await self.device_thread.run(self.open_stream, sentence, voice, seed, params)
         try:
             while not stream.done:
-                audio = await self.device_thread.run(stream.step)
+                audio = await self.device_thread.run(stream.advance)
                 now = time.perf_counter()
-                if m.first_token is None and stream.tokens.position > 0:
-                    m.first_token = now
+                if m.first_token is None and stream.first_token_at is not None:
+                    m.first_token = stream.first_token_at
                 if audio is not None:
                     m.first_audio = m.first_audio or now
                     m.audio_samples += len(audio)
