@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ModelInitializationError
+from .generation import CachedGeneration, estimate_llama_bytes, first_line, sample_index
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +124,13 @@ class ConstrainedSampler:
             seen = self.seen[ids]
             penalised = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
             scores = torch.where(seen, penalised, scores)
-        if p.temperature == 0.0:
-            choice = int(torch.argmax(scores))
-        else:
-            probs = torch.softmax(scores / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                # Keep the smallest prefix whose mass reaches top_p (always the first).
-                keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
-                sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-                picked = torch.multinomial(sorted_probs, 1, generator=self.generator)
-                choice = int(order[picked])
-            else:
-                choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        choice = sample_index(scores, p.temperature, p.top_p, self.generator)
         token = int(ids[choice])
         self.seen[token] = True
         return token
 
 
-class TokenStream:
+class TokenStream(CachedGeneration):
     """One generation: the prefill on the first step, then one token per step.
 
     Holds the KV cache until it finishes or is closed; close() frees it at once, which
@@ -150,6 +139,7 @@ class TokenStream:
 
     def __init__(self, model: "OrpheusDirectModel", prompt_ids: Sequence[int], params: SamplingParams,
                  seed: int) -> None:
+        super().__init__(torch.tensor([list(prompt_ids)], device=model.device))
         self.model = model
         self.params = params
         self.prompt_ids = list(prompt_ids)
@@ -157,49 +147,22 @@ class TokenStream:
         generator.manual_seed(seed)
         self.sampler = ConstrainedSampler(params, self.prompt_ids, model.device, generator)
         self.position = 0  # audio tokens generated so far
-        self.finished = False
         self.stopped_by_model = False  # True when the model chose end_of_speech
-        self._cache = None
-        self._next_input: torch.Tensor | None = torch.tensor([self.prompt_ids], device=model.device)
-        self._lock = threading.Lock()  # close() may come from the event loop mid-step
 
     @torch.inference_mode()
     def step(self) -> int | None:
         """Run one forward pass and return the next audio token, or None when done."""
-        with self._lock:
-            if self.finished:
-                return None
-            if self.position >= self.params.max_tokens:
-                self._close_locked()
-                return None
-            inputs, cache = self._next_input, self._cache
-        out = self.model.forward(inputs, cache)
-        with self._lock:
-            if self.finished:  # closed (cancelled) while the forward pass ran
-                return None
-            self._cache = out.past_key_values
-            token = self.sampler(out.logits[0, -1], self.position)
-            if token == END_OF_SPEECH:
-                self.stopped_by_model = True
-                self._close_locked()
-                return None
-            self.position += 1
-            self._next_input = torch.tensor([[token]], device=self.model.device)
-            return token
-
-    def close(self) -> None:
-        """Finish now and free the KV cache; safe to call from any thread, any time."""
-        with self._lock:
-            self._close_locked()
-
-    def _close_locked(self) -> None:
-        self.finished = True
-        self._cache = None
-        self._next_input = None
-
-    @property
-    def holds_cache(self) -> bool:
-        return self._cache is not None
+        logits = self._forward(self.model.forward, stop=self.position >= self.params.max_tokens)
+        if logits is None:
+            return None
+        token = self.sampler(logits, self.position)
+        if token == END_OF_SPEECH:
+            self.stopped_by_model = True
+            self.close()
+            return None
+        self.position += 1
+        self._next_input = torch.tensor([[token]], device=self.model.device)
+        return token
 
 
 class OrpheusDirectModel:
@@ -265,21 +228,3 @@ class OrpheusDirectModel:
     def unload(self) -> None:
         self.model = None
         self.tokenizer = None
-
-
-def estimate_llama_bytes(config, dtype: torch.dtype) -> int:
-    """Bytes of a Llama model's weights, from its config alone (nothing is loaded)."""
-    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    per_layer = attention + 3 * h * i + 2 * h
-    embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    params = n * per_layer + embeddings + h
-    return params * torch.finfo(dtype).bits // 8
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0].rstrip(".")

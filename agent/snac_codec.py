@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .errors import ModelInitializationError
-from .orpheus import FRAME_TOKENS, first_line
+from .generation import first_line
+from .orpheus import FRAME_TOKENS
 
 SAMPLE_RATE = 24000
 FRAME_SAMPLES = 2048

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, ModelInitializationError
-from .orpheus import estimate_llama_bytes, first_line
+from .generation import CachedGeneration, estimate_llama_bytes, first_line, sample_index
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +46,19 @@ class ReplyParams:
     max_new_tokens: int = 200
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Temperature and top-p sampling over one row of logits (argmax at temperature 0)."""
-    scores = logits.float()
-    if temperature <= 0.0:
-        return int(torch.argmax(scores))
-    probs = torch.softmax(scores / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always the first).
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class TextStream:
+class TextStream(CachedGeneration):
     """One generation. step() runs one forward pass (the first one is the prefill) and
     returns the newly decoded text ("" while a multi-byte character is incomplete), or
-    None when finished.
-
-    Holds the KV cache until it finishes or is closed; close() frees it at once and is
-    safe to call from any thread at any time. Attributes: finished, tokens (generated),
-    token_ids, text (all so far), prompt_ids, prompt_tokens, stopped_by_model.
+    None when finished. close() frees the KV cache at once, from any thread.
     """
 
     def __init__(self, model: "VoxtralModel", inputs: dict[str, torch.Tensor], params: ReplyParams,
                  seed: int) -> None:
+        # Prefill input: the prompt ids and the mel features of every audio in it.
+        super().__init__({
+            "input_ids": inputs["input_ids"].to(model.device),
+            "input_features": inputs["input_features"].to(model.device, model.dtype),
+        })
         self.model = model
         self.params = params
         self.prompt_ids: list[int] = inputs["input_ids"][0].tolist()
@@ -80,70 +66,35 @@ class TextStream:
         self.eos_token_id = model.eos_token_id
         self.generator = torch.Generator(device=model.device)
         self.generator.manual_seed(seed)
-        self.finished = False
         self.stopped_by_model = False  # True when the model chose EOS
         self.tokens = 0  # generated so far (EOS not counted)
         self.token_ids: list[int] = []
         self.text = ""
         # Tekken tokens are byte strings; a character may span tokens. The incremental
-        # decoder holds an incomplete tail back until its last byte arrives.
+        # decoder holds an incomplete tail back until its last byte arrives (and an
+        # incomplete character at the very end is dropped, never half-emitted).
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._cache = None
-        # Prefill input: the prompt ids and the mel features of every audio in it.
-        self._next_input: dict[str, torch.Tensor] | None = {
-            "input_ids": inputs["input_ids"].to(model.device),
-            "input_features": inputs["input_features"].to(model.device, model.dtype),
-        }
-        self._lock = threading.Lock()  # close() may come from the event loop mid-step
 
     @torch.inference_mode()
     def step(self) -> str | None:
         """Run one forward pass and return the new text, or None when done."""
-        with self._lock:
-            if self.finished:
-                return None
-            if self.tokens >= self.params.max_new_tokens:
-                self._close_locked()
-                return None
-            inputs, cache = self._next_input, self._cache
-        try:
-            out = self.model.forward(inputs, cache)
-        except BaseException:
-            self.close()  # a failed step (out of memory, say) must not keep the cache
-            raise
-        with self._lock:
-            if self.finished:  # closed (cancelled) while the forward pass ran
-                return None
-            self._cache = out.past_key_values
-            token = sample_token(out.logits[0, -1], self.params.temperature, self.params.top_p, self.generator)
-            if token == self.eos_token_id:
-                self.stopped_by_model = True
-                self._close_locked()
-                return None
-            self.tokens += 1
-            self.token_ids.append(token)
-            piece = self._utf8.decode(self.model.token_bytes(token))
-            self.text += piece
-            if self.tokens >= self.params.max_new_tokens:
-                self._close_locked()  # free the cache now rather than on the next step
-            else:
-                self._next_input = {"input_ids": torch.tensor([[token]], device=self.model.device)}
-            return piece
-
-    def close(self) -> None:
-        """Finish now and free the KV cache; safe to call from any thread, any time."""
-        with self._lock:
-            self._close_locked()
-
-    def _close_locked(self) -> None:
-        # An incomplete character at the very end is dropped, never half-emitted.
-        self.finished = True
-        self._cache = None
-        self._next_input = None
-
-    @property
-    def holds_cache(self) -> bool:
-        return self._cache is not None
+        logits = self._forward(self.model.forward, stop=self.tokens >= self.params.max_new_tokens)
+        if logits is None:
+            return None
+        token = sample_index(logits, self.params.temperature, self.params.top_p, self.generator)
+        if token == self.eos_token_id:
+            self.stopped_by_model = True
+            self.close()
+            return None
+        self.tokens += 1
+        self.token_ids.append(token)
+        piece = self._utf8.decode(self.model.token_bytes(token))
+        self.text += piece
+        if self.tokens >= self.params.max_new_tokens:
+            self.close()  # free the cache now rather than on the next step
+        else:
+            self._next_input = {"input_ids": torch.tensor([[token]], device=self.model.device)}
+        return piece
 
 
 class VoxtralModel:

@@ -12,7 +12,8 @@ from agent.errors import InsufficientVRAMError, ModelInitializationError
 from agent.memory import GPUMemoryManager
 from agent.monitor import PerformanceMonitor
 from agent.orpheus import (BOS, EOT, END_OF_HUMAN, START_OF_AI, START_OF_HUMAN, START_OF_SPEECH, VOCAB_SIZE,
-                           OrpheusDirectModel, estimate_llama_bytes)
+                           OrpheusDirectModel)
+from agent.generation import estimate_llama_bytes
 from agent.snac_codec import SNAC_24KHZ_CONFIG, load_snac
 from agent.tiny import llama3_tokenizer_file, tiny_orpheus_dir, tiny_snac_dir
 

@@ -13,7 +13,7 @@ import pytest
 from agent.audio import read_audio
 from agent.headless import VirtualClock, run_call
 from agent.models import UnifiedModelManager
-from agent.session import AgentInterrupted, CallSession, OutboundAudio, TextSegmenter, TurnFailed
+from agent.session import AgentInterrupted, CallSession, OutboundAudio, TextSegmenter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FRAME = 320  # 20 ms at 16 kHz

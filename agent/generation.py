@@ -1,0 +1,95 @@
+"""What Orpheus's and Voxtral's decode loops share: sampling, the KV-cache lifecycle,
+weight-size estimates and error messages."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+
+def sample_index(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Index of the choice drawn from `scores` (logits) with temperature and top-p
+    (argmax at temperature 0), as transformers' processors would draw it."""
+    scores = scores.float()
+    if temperature <= 0.0:
+        return int(torch.argmax(scores))
+    probs = torch.softmax(scores / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always the first).
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class CachedGeneration:
+    """One generation holding a KV cache between forward passes.
+
+    Subclasses write step(): they call _forward() for the next logits and put the next
+    input in `_next_input`. close() frees the cache at once and is safe from any thread
+    at any time (the event loop closes a stream while the device thread runs its step);
+    a forward pass that fails closes the generation too, so nothing is kept.
+    """
+
+    def __init__(self, first_input: Any) -> None:
+        self.finished = False
+        self._cache = None
+        self._next_input = first_input
+        self._lock = threading.Lock()
+
+    def _forward(self, forward: Callable[[Any, Any], Any], stop: bool = False) -> torch.Tensor | None:
+        """The last position's logits of one forward pass on the pending input, or None
+        when the generation is closed (before or during the pass). `stop` closes it."""
+        with self._lock:
+            if self.finished:
+                return None
+            if stop:
+                self._close_locked()
+                return None
+            inputs, cache = self._next_input, self._cache
+        try:
+            out = forward(inputs, cache)
+        except BaseException:
+            self.close()
+            raise
+        with self._lock:
+            if self.finished:  # closed (cancelled) while the forward pass ran
+                return None
+            self._cache = out.past_key_values
+            return out.logits[0, -1]
+
+    def close(self) -> None:
+        """Finish now and free the KV cache."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        self.finished = True
+        self._cache = None
+        self._next_input = None
+
+    @property
+    def holds_cache(self) -> bool:
+        return self._cache is not None
+
+
+def estimate_llama_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of a Llama model's weights, from its config alone (nothing is loaded)."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    per_layer = attention + 3 * h * i + 2 * h
+    embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    params = n * per_layer + embeddings + h
+    return params * torch.finfo(dtype).bits // 8
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line, for messages meant for the user."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0].rstrip(".")
