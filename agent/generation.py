@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import ModelInitializationError
+
 
 def sample_index(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Index of the choice drawn from `scores` (logits) with temperature and top-p
@@ -74,6 +76,38 @@ class CachedGeneration:
     @property
     def holds_cache(self) -> bool:
         return self._cache is not None
+
+
+class InProcessModel:
+    """A transformers model run in this process. Forward passes run one at a time (steps
+    of different streams interleave) and are counted: tests use the count to see that a
+    cancelled generation really stopped."""
+
+    def __init__(self, model: torch.nn.Module, source: str) -> None:
+        self.model = model
+        self.source = source
+        self.forward_calls = 0
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _forward_cached(self, cache, **inputs: Any):
+        with self._lock:
+            self.forward_calls += 1
+            return self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def load_failure(what: str, source: str, e: BaseException) -> ModelInitializationError:
+    """The one-line error for a model that cannot be loaded, with the way out."""
+    return ModelInitializationError(
+        f"cannot load {what} model {source!r}: {first_line(e)}. "
+        "To run without downloaded weights, use --profile tiny.")
 
 
 def estimate_llama_bytes(config, dtype: torch.dtype) -> int:

@@ -10,14 +10,13 @@ plainly: one prefill, then one forward per token with the KV cache.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from .errors import ModelInitializationError
-from .generation import CachedGeneration, estimate_llama_bytes, first_line, sample_index
+from .generation import CachedGeneration, InProcessModel, estimate_llama_bytes, load_failure, sample_index
 
 log = logging.getLogger(__name__)
 
@@ -165,23 +164,12 @@ class TokenStream(CachedGeneration):
         return token
 
 
-class OrpheusDirectModel:
+class OrpheusDirectModel(InProcessModel):
     """The Orpheus language model and its tokenizer, loaded in-process with transformers."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, source: str) -> None:
-        self.model = model
+        super().__init__(model, source)
         self.tokenizer = tokenizer
-        self.source = source
-        self.forward_calls = 0  # every decode step counts; tests use it to see generation stop
-        self._lock = threading.Lock()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @classmethod
     def load(cls, source: str, device: torch.device, dtype: torch.dtype,
@@ -198,10 +186,7 @@ class OrpheusDirectModel:
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...
-            raise ModelInitializationError(
-                f"cannot load Orpheus model {source!r}: {first_line(e)}. "
-                "To run without downloaded weights, use --profile tiny."
-            ) from e
+            raise load_failure("Orpheus", source, e) from e
         if getattr(config, "vocab_size", 0) < VOCAB_SIZE:
             raise ModelInitializationError(
                 f"model {source!r} has vocab_size {config.vocab_size}, not Orpheus's {VOCAB_SIZE}")
@@ -220,10 +205,7 @@ class OrpheusDirectModel:
         return TokenStream(self, prompt_ids, params, seed)
 
     def forward(self, input_ids: torch.Tensor, cache):
-        # One stream at a time on the model; steps of different streams interleave.
-        with self._lock:
-            self.forward_calls += 1
-            return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return self._forward_cached(cache, input_ids=input_ids)
 
     def unload(self) -> None:
         self.model = None

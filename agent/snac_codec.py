@@ -14,8 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import ModelInitializationError
-from .generation import first_line
+from .generation import load_failure
 from .orpheus import FRAME_TOKENS
 
 SAMPLE_RATE = 24000
@@ -48,10 +47,7 @@ def load_snac(source: str, device: torch.device, noise: bool = True,
     try:
         model = SNAC.from_pretrained(source)
     except Exception as e:
-        raise ModelInitializationError(
-            f"cannot load SNAC model {source!r}: {first_line(e)}. "
-            "To run without downloaded weights, use --profile tiny."
-        ) from e
+        raise load_failure("SNAC", source, e) from e
     if not noise:
         disable_noise(model)
     return model.to(device).eval()

@@ -14,7 +14,6 @@ import base64
 import codecs
 import io
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 
 from .errors import InputError, ModelInitializationError
-from .generation import CachedGeneration, estimate_llama_bytes, first_line, sample_index
+from .generation import (CachedGeneration, InProcessModel, estimate_llama_bytes, first_line, load_failure,
+                         sample_index)
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +97,19 @@ class TextStream(CachedGeneration):
         return piece
 
 
-class VoxtralModel:
+class VoxtralModel(InProcessModel):
     """Voxtral and its processor, loaded in-process with transformers."""
 
     def __init__(self, model: torch.nn.Module, processor, source: str) -> None:
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-        self.model = model
+        super().__init__(model, source)
         self.processor = processor
-        self.source = source
-        self.forward_calls = 0  # every forward pass counts; tests use it to see generation stop
-        self._lock = threading.Lock()
         tekken = processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer
         if not isinstance(tekken, Tekkenizer):
             raise ModelInitializationError(f"model {source!r} has no Tekken tokenizer (tekken.json)")
         self._tekken = tekken
         self.eos_token_id: int = processor.tokenizer.eos_token_id
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @classmethod
     def load(cls, source: str, device: torch.device, dtype: torch.dtype,
@@ -139,10 +128,7 @@ class VoxtralModel:
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...
-            raise ModelInitializationError(
-                f"cannot load Voxtral model {source!r}: {first_line(e)}. "
-                "To run without downloaded weights, use --profile tiny."
-            ) from e
+            raise load_failure("Voxtral", source, e) from e
         model.to(device).eval()
         return cls(model, processor, source)
 
@@ -204,10 +190,7 @@ class VoxtralModel:
         return messages
 
     def forward(self, inputs: dict[str, torch.Tensor], cache):
-        # One stream at a time on the model; steps of different streams interleave.
-        with self._lock:
-            self.forward_calls += 1
-            return self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return self._forward_cached(cache, **inputs)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one generated token; control tokens give b""."""
