@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
+    from .models import UnifiedModelManager
     from .tts import TTSServiceDirect
 
     to_stdout = args.output == "-"
@@ -101,11 +104,14 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
         import torch
 
         torch.manual_seed(args.seed)  # SNAC's decoder noise draws from the global generator
-    service = TTSServiceDirect.from_settings(settings)
+    models = UnifiedModelManager(settings)
     chunks: list[np.ndarray] = []
-    metrics = service.monitor.start(args.voice or settings.tts.default_voice, args.text)
+    metrics = None
 
     async def run() -> None:
+        nonlocal metrics
+        service = models.tts
+        metrics = service.monitor.start(args.voice or settings.tts.default_voice, args.text)
         async for chunk in service.synthesize(args.text, args.voice, args.seed, metrics):
             if to_stdout:
                 sys.stdout.buffer.write(chunk.tobytes())
@@ -114,9 +120,10 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
                 chunks.append(chunk)
 
     try:
+        models.load(listen=False)
         asyncio.run(run())
     finally:
-        service.unload()
+        models.unload()
     if not to_stdout:
         from .audio import write_wav
         from .snac_codec import SAMPLE_RATE
@@ -130,11 +137,15 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check_writable(path: str) -> None:
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
+    """Fail before the models load, not after the work is done."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise InputError(f"cannot write {path!r}: it is a directory")
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path!r}: no such directory {str(folder)!r}")
+    if not os.access(target if target.exists() else folder, os.W_OK):
+        raise InputError(f"cannot write {path!r}: permission denied")
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -188,7 +199,7 @@ def cmd_bench_snac(args: argparse.Namespace, settings: Settings) -> int:
     from .bench import bench_snac
     from .memory import resolve_device
     from .snac_codec import load_snac
-    from .tts import resolve_source
+    from .models import resolve_source
 
     if args.seconds <= 0 or args.token_rate <= 0:
         raise InputError("--seconds and --token-rate must be positive")

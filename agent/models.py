@@ -78,38 +78,62 @@ class UnifiedModelManager:
     def ready(self) -> bool:
         return self.voxtral is not None and self.tts is not None
 
-    def load(self) -> None:
-        from .orpheus import OrpheusDirectModel
+    @property
+    def loaded(self) -> dict[str, bool]:
+        return {"voxtral": self.voxtral is not None, "tts": self.tts is not None}
+
+    def load(self, listen: bool = True) -> None:
+        """Load the models, with progress on stderr (logging). `listen=False` loads only
+        the speaking half (Orpheus and SNAC), for `voice-agent say`."""
+        from .orpheus import OrpheusDirectModel, SamplingParams
         from .snac_codec import load_snac
-        from .tts import TTSServiceDirect, resolve_source
+        from .tts import TTSServiceDirect
         from .voxtral import VoxtralModel
 
         s = self.settings
         t0 = time.perf_counter()
         dtype_name = str(self.dtype).removeprefix("torch.")
-        voxtral_source = resolve_source(s.voxtral.model, "voxtral")
-        log.info("loading Voxtral from %s on %s (%s)...", voxtral_source, self.device, dtype_name)
-        self.voxtral = self._measured("voxtral", lambda: self._with_fp32_fallback(
-            lambda dtype: VoxtralModel.load(voxtral_source, self.device, dtype, self.memory.check)))
+        if listen:
+            voxtral_source = resolve_source(s.voxtral.model, "voxtral")
+            log.info("loading Voxtral from %s on %s (%s)...", voxtral_source, self.device, dtype_name)
+            self.voxtral = self._measured("voxtral", lambda: self._with_fp32_fallback(
+                lambda dtype: VoxtralModel.load(voxtral_source, self.device, dtype, self.memory.check)))
+
+        def orpheus_runs(orpheus: OrpheusDirectModel) -> None:
+            # Some GPUs load half-precision weights but cannot run them: one real step.
+            stream = orpheus.stream(orpheus.prompt_ids("tara", "hi"), SamplingParams(max_tokens=7), seed=0)
+            stream.step()
+            stream.close()
+
         orpheus_source = resolve_source(s.orpheus.model, "orpheus")
-        log.info("loading Orpheus from %s...", orpheus_source)
+        log.info("loading Orpheus from %s on %s (%s)...", orpheus_source, self.device, dtype_name)
         orpheus = self._measured("orpheus", lambda: self._with_fp32_fallback(
-            lambda dtype: OrpheusDirectModel.load(orpheus_source, self.device, dtype, self.memory.check)))
+            lambda dtype: OrpheusDirectModel.load(orpheus_source, self.device, dtype, self.memory.check),
+            orpheus_runs))
         snac_source = resolve_source(s.snac.model, "snac")
         log.info("loading SNAC from %s...", snac_source)
         snac = self._measured("snac", lambda: load_snac(snac_source, self.device, s.snac.noise, self.memory.check))
         self.tts = TTSServiceDirect(orpheus, snac, s, memory=self.memory, device_thread=self.device_thread)
         log.info("models ready in %.1f s: %s", time.perf_counter() - t0, self.memory_report())
 
-    def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any]) -> Any:
+    def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any],
+                            check: Callable[[Any], None] | None = None) -> Any:
+        """Load in the chosen dtype; where half precision fails to load or run
+        (`check` raises RuntimeError), load again in float32."""
+        model = None
         try:
-            return load(self.dtype)
+            model = load(self.dtype)
+            if check is not None:
+                check(model)
+            return model
         except ModelInitializationError:
             raise
-        except RuntimeError as e:  # half precision the GPU cannot run
+        except RuntimeError as e:
             if self.dtype == torch.float32:
                 raise
-            log.warning("loading in %s failed (%s); retrying in float32", self.dtype, e)
+            log.warning("%s does not work in %s here (%s); loading it in float32", type(model).__name__
+                        if model is not None else "the model", self.dtype, e)
+            del model
             self.memory.cleanup()
             return load(torch.float32)
 
@@ -135,3 +159,13 @@ class UnifiedModelManager:
         self.memory.cleanup()
         if UnifiedModelManager._instance is self:
             UnifiedModelManager._instance = None
+
+
+def resolve_source(name: str, kind: str) -> str:
+    """"tiny" means the tiny profile's saved checkpoint; anything else is a Hub id or a path."""
+    if name != "tiny":
+        return name
+    from . import tiny
+
+    build = {"orpheus": tiny.tiny_orpheus_dir, "snac": tiny.tiny_snac_dir, "voxtral": tiny.tiny_voxtral_dir}
+    return str(build[kind]())

@@ -17,15 +17,14 @@ import time
 from typing import AsyncIterator
 
 import numpy as np
-import torch
 
 from .config import Settings
 from .errors import AudioGenerationError, InputError
-from .memory import GPUMemoryManager, resolve_device, resolve_dtype
+from .memory import GPUMemoryManager
 from .models import DeviceThread
 from .monitor import PerformanceMonitor, RequestMetrics
 from .orpheus import FRAME_TOKENS, FrameAssembler, OrpheusDirectModel, SamplingParams, TokenStream
-from .snac_codec import StreamingSNACDecoder, load_snac, to_int16
+from .snac_codec import StreamingSNACDecoder, to_int16
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +115,6 @@ class TTSServiceDirect:
         # Every model call runs on the device thread (shared with Voxtral when given).
         self._owns_thread = device_thread is None
         self.device_thread = device_thread or DeviceThread()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "TTSServiceDirect":
-        orpheus, snac, memory = load_tts_models(settings)
-        return cls(orpheus, snac, settings, memory=memory)
 
     # -- validation -------------------------------------------------------------
 
@@ -234,48 +228,3 @@ class TTSServiceDirect:
         self.snac = None
         if self.memory is not None:
             self.memory.cleanup()
-
-
-def load_tts_models(settings: Settings) -> tuple[OrpheusDirectModel, object, GPUMemoryManager]:
-    """Load Orpheus and SNAC as the settings say, with progress on stderr (logging)."""
-    device = resolve_device(settings.device.device)
-    dtype = resolve_dtype(settings.device.dtype, device)
-    memory = GPUMemoryManager(device, settings.device.headroom_gb)
-    orpheus_source = resolve_source(settings.orpheus.model, "orpheus")
-    snac_source = resolve_source(settings.snac.model, "snac")
-
-    t0 = time.perf_counter()
-    log.info("loading Orpheus from %s on %s (%s)...", orpheus_source, device, str(dtype).removeprefix("torch."))
-    orpheus = OrpheusDirectModel.load(orpheus_source, device, dtype, memory.check)
-    if dtype != torch.float32 and not _works(orpheus):
-        log.warning("%s does not run in %s on this GPU; reloading in float32", orpheus_source, dtype)
-        orpheus.unload()
-        memory.cleanup()
-        orpheus = OrpheusDirectModel.load(orpheus_source, device, torch.float32, memory.check)
-    log.info("loaded Orpheus in %.1f s; loading SNAC from %s...", time.perf_counter() - t0, snac_source)
-    snac = load_snac(snac_source, device, settings.snac.noise, memory.check)
-    log.info("models ready in %.1f s (%s)", time.perf_counter() - t0,
-             ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.stats().items()))
-    return orpheus, snac, memory
-
-
-def resolve_source(name: str, kind: str) -> str:
-    """"tiny" means the tiny profile's saved checkpoint; anything else is a Hub id or a path."""
-    if name != "tiny":
-        return name
-    from . import tiny
-
-    build = {"orpheus": tiny.tiny_orpheus_dir, "snac": tiny.tiny_snac_dir, "voxtral": tiny.tiny_voxtral_dir}
-    return str(build[kind]())
-
-
-def _works(orpheus: OrpheusDirectModel) -> bool:
-    """One forward pass: some GPUs load half-precision weights but cannot run them."""
-    try:
-        stream = orpheus.stream(orpheus.prompt_ids("tara", "hi"), SamplingParams(max_tokens=7), seed=0)
-        stream.step()
-        stream.close()
-        return True
-    except RuntimeError as e:
-        log.debug("half-precision check failed: %s", e)
-        return False

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from agent.config import Settings, load_settings
-from agent.tts import TTSServiceDirect, load_tts_models
+from agent.models import UnifiedModelManager
+from agent.tts import TTSServiceDirect
 
 torch.set_num_threads(2)
 
@@ -19,7 +20,10 @@ def tiny_settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def tts_models(tiny_settings):
-    return load_tts_models(tiny_settings)
+    """(Orpheus, SNAC, memory manager) of the tiny profile."""
+    manager = UnifiedModelManager(tiny_settings)
+    manager.load(listen=False)
+    return manager.tts.orpheus, manager.tts.snac, manager.memory
 
 
 @pytest.fixture
