@@ -59,11 +59,13 @@ async def run_call(models: UnifiedModelManager, caller_16k: np.ndarray, caller_2
     out_step = int(OUT_RATE * FRAME_S)
     n_in = -(-len(caller_16k) // in_step)
     silence_in = np.zeros(in_step, dtype=np.int16)
-    agent: list[np.ndarray] = []
+    # Slot i of the timeline is [i, i + 1) x 20 ms. Caller frame i has fully arrived at
+    # the end of its slot; the frame the player takes then plays in slot i + 1.
+    agent: list[np.ndarray] = [np.zeros(out_step, dtype=np.int16)]
     i = 0
     try:
         while True:
-            t = i * FRAME_S
+            t = (i + 1) * FRAME_S
             if i >= n_in and (not session.agent_busy or t > n_in * FRAME_S + TAIL_LIMIT_S):
                 break
             if realtime or session.agent_busy:

@@ -64,7 +64,7 @@ async def test_outbound_frames_backpressure_and_clear():
 
 
 async def test_two_utterances_get_two_answers(models, tiny_settings, speech):
-    caller = np.concatenate([silence(0.5), speech[0], silence(4.0), speech[1], silence(4.0)])
+    caller = np.concatenate([silence(0.5), speech[0], silence(6.0), speech[1], silence(4.0)])
     result = await run_call(models, caller, np.zeros(0, np.int16), tiny_settings, seed=1)
     assert len(result.turns) == 2
     agent = result.recording[:, 1].astype(np.float64)
@@ -143,7 +143,7 @@ async def test_history_stays_bounded(models, tiny_settings, speech):
 
     models.voxtral.reply_stream = recording_history
     try:
-        gap = silence(4.5)  # longer than a tiny reply takes to play on a CPU
+        gap = silence(6.0)  # longer than a tiny reply takes to play on a slow CPU (idle time is skipped)
         caller = np.concatenate([silence(0.5), speech[0], gap, speech[1], gap, speech[0], gap, speech[1], gap])
         result = await run_call(models, caller, np.zeros(0, np.int16), settings, seed=4)
     finally:
@@ -167,7 +167,7 @@ async def test_a_failing_turn_does_not_end_the_call(models, tiny_settings, speec
 
     models.voxtral.reply_stream = flaky
     try:
-        caller = np.concatenate([silence(0.5), speech[0], silence(3.0), speech[1], silence(4.0)])
+        caller = np.concatenate([silence(0.5), speech[0], silence(6.0), speech[1], silence(4.0)])
         result = await run_call(models, caller, np.zeros(0, np.int16), tiny_settings, seed=2)
     finally:
         models.voxtral.reply_stream = real

