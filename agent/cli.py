@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="sampling seed, for repeatable output")
     run.add_argument("--json", action="store_true", help='print {"turns": [...]} with text and latencies')
 
+    serve = sub.add_parser("serve", parents=[common], help="answer browser calls (WebRTC) with the web client")
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="HTTP port (default: server.port)")
+    serve.add_argument("--sip-port", type=int, help="SIP port; 0 turns SIP off (default: server.sip_port)")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     snac = bench_sub.add_parser("snac", parents=[common], help="streaming SNAC decoder: baseline vs default mode")
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_say(args, settings)
         if args.command == "run":
             return cmd_run(args, settings)
+        if args.command == "serve":
+            return cmd_serve(args, settings)
         if args.command == "bench" and args.bench == "snac":
             return cmd_bench_snac(args, settings)
         if args.command == "bench" and args.bench == "pipeline":
@@ -185,6 +192,20 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                   f"first audio {t['latency_ms']['first_frame_queued']} ms after speech: {t['reply']!r}")
         if not turns:
             print("no speech found: 0 turns")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from signaling.server import serve
+
+    host = args.host or settings.server.host
+    port = settings.server.port if args.port is None else args.port
+    sip_port = settings.server.sip_port if args.sip_port is None else args.sip_port
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be between 1 and 65535, got {port}")
+    if sip_port != 0:
+        raise InputError("SIP is not built yet: use --sip-port 0 (browser calls only)")
+    serve(settings, host, port)
     return 0
 
 

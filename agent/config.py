@@ -88,6 +88,15 @@ class SessionSettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    sip_port: int
+    max_calls: int
+    max_body_kb: int
+
+
+@dataclass(frozen=True)
 class MonitorSettings:
     ttft_ms_target: float
     ttfa_ms_target: float
@@ -104,6 +113,7 @@ class Settings:
     voxtral: VoxtralSettings
     vad: VADSettings
     session: SessionSettings
+    server: ServerSettings
     monitor: MonitorSettings
 
     def replace(self, section: str, **changes: Any) -> "Settings":
@@ -122,6 +132,7 @@ SECTIONS: dict[str, type] = {
     "voxtral": VoxtralSettings,
     "vad": VADSettings,
     "session": SessionSettings,
+    "server": ServerSettings,
     "monitor": MonitorSettings,
 }
 
@@ -158,6 +169,10 @@ _RANGES = {
     "session.max_history_turns": (0, 1000),
     "session.max_queued_s": (0.1, 600.0),
     "session.min_first_chunk_chars": (1, 10_000),
+    "server.port": (0, 65535),
+    "server.sip_port": (0, 65535),
+    "server.max_calls": (1, 10_000),
+    "server.max_body_kb": (1, 100_000),
     "monitor.ttft_ms_target": (0.0, None),
     "monitor.ttfa_ms_target": (0.0, None),
     "monitor.rtf_target": (0.0, None),

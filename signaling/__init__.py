@@ -1,0 +1,1 @@
+"""Transports: they move audio in and out of a CallSession (agent/session.py)."""

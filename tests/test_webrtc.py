@@ -1,0 +1,288 @@
+"""Browser calls over WebRTC, tested with a real aiortc peer over loopback (tiny profile)."""
+
+import asyncio
+import fractions
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from agent.audio import read_audio
+from agent.models import UnifiedModelManager
+from signaling.server import CALLS, create_app
+from signaling.webrtc import SessionAudioTrack
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+FIXTURES = Path(__file__).parent / "fixtures"
+RATE = 16000
+LOUD = 300  # RMS of agent audio (the tiny profile speaks noise far louder than this)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_settings):
+    manager = UnifiedModelManager(tiny_settings)
+    manager.load()
+    yield manager
+    manager.unload()
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return [read_audio(FIXTURES / f"question{i}.wav", RATE) for i in (1, 2)]
+
+
+async def start_server(models, settings):
+    server = TestServer(create_app(models, settings), host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture(scope="module")
+async def server(models, tiny_settings):
+    server = await start_server(models, tiny_settings)
+    yield server
+    await server.close()
+
+
+class Microphone(MediaStreamTrack):
+    """The caller: plays queued audio in real time, 20 ms frames, then silence."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = np.zeros(0, dtype=np.int16)
+        self.pts = 0
+        self.start = None
+        self.speech_end = None  # wall time the last queued sample went out
+
+    def say(self, audio: np.ndarray, pause_s: float = 0.0) -> None:
+        self.queue = np.concatenate([self.queue, np.zeros(int(RATE * pause_s), np.int16), audio])
+        self.speech_end = None
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        self.start = self.start or time.monotonic()
+        due = self.start + self.pts / RATE
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        chunk, self.queue = self.queue[:320], self.queue[320:]
+        if len(chunk) and not len(self.queue):
+            self.speech_end = time.monotonic()
+        frame = av.AudioFrame.from_ndarray(np.pad(chunk, (0, 320 - len(chunk))).reshape(1, -1), format="s16",
+                                           layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = RATE, self.pts, fractions.Fraction(1, RATE)
+        self.pts += 320
+        return frame
+
+
+class Caller:
+    """An aiortc peer calling the server as the web client does."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.pc = RTCPeerConnection()
+        self.mic = Microphone()
+        self.heard: list[tuple[float, float]] = []  # (wall time, RMS) of each received frame
+        self.messages: list[dict] = []
+        self.call_id = None
+        self.channel = self.pc.createDataChannel("events")
+        self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
+        self.pc.addTrack(self.mic)
+        self.pc.on("track", lambda track: asyncio.ensure_future(self._listen(track)))
+
+    async def _listen(self, track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            x = frame.to_ndarray().astype(np.float64)
+            self.heard.append((time.monotonic(), float(np.sqrt(np.mean(x**2)))))
+
+    async def dial(self, http: aiohttp.ClientSession, voice=None) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if voice:
+            body["voice"] = voice
+        async with http.post(self.base_url + "/offer", json=body) as r:
+            answer = await r.json()
+            assert r.status == 200, answer
+        self.call_id = answer["call_id"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+
+    def loud_since(self, t: float) -> list[float]:
+        return [when for when, rms in self.heard if when >= t and rms > LOUD]
+
+    async def wait_for(self, test, timeout: float = 40.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not test():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.05)
+
+
+async def health(http, server):
+    async with http.get(server.make_url("/health")) as r:
+        return await r.json()
+
+
+async def test_the_agent_answers_after_the_caller_stops(server, speech):
+    async with aiohttp.ClientSession() as http:
+        caller = Caller(str(server.make_url("")))
+        caller.mic.say(speech[0], pause_s=0.5)
+        await caller.dial(http, voice="leo")
+        await caller.wait_for(lambda: caller.mic.speech_end is not None and caller.loud_since(caller.mic.speech_end))
+        first_loud = caller.loud_since(0)[0]
+        assert first_loud > caller.mic.speech_end  # never while the caller speaks
+        await caller.wait_for(lambda: any(m["type"] == "turn" for m in caller.messages))
+        kinds = [m["type"] for m in caller.messages]
+        assert "speech_started" in kinds and "speech_stopped" in kinds and "reply_text" in kinds
+        turn = next(m for m in caller.messages if m["type"] == "turn")
+        assert turn["latency_ms"]["first_frame_queued"] > 0
+        async with http.delete(server.make_url(f"/calls/{caller.call_id}")) as r:
+            assert r.status == 200
+        async with http.delete(server.make_url(f"/calls/{caller.call_id}")) as r:
+            assert r.status == 404 and "error" in await r.json()
+        assert (await health(http, server))["active_calls"] == 0
+        await caller.pc.close()
+
+
+async def test_barge_in_stops_the_agent(server, speech):
+    async with aiohttp.ClientSession() as http:
+        caller = Caller(str(server.make_url("")))
+        caller.mic.say(speech[0], pause_s=0.5)
+        await caller.dial(http)
+        await caller.wait_for(lambda: caller.mic.speech_end is not None
+                              and len(caller.loud_since(caller.mic.speech_end)) >= 10)
+        caller.mic.say(speech[1])  # talk over the agent
+        await caller.wait_for(lambda: any(m["type"] == "interrupted" for m in caller.messages))
+        cut_at = time.monotonic()
+        interrupted = next(m for m in caller.messages if m["type"] == "interrupted")
+        assert interrupted["turn"] == 1
+        # The agent falls silent (network and jitter buffer aside) while the caller talks on.
+        await asyncio.sleep(1.0)
+        assert caller.mic.speech_end is None or caller.mic.speech_end > cut_at  # still talking
+        assert not caller.loud_since(cut_at + 0.4)
+        # The second utterance is answered.
+        await caller.wait_for(lambda: any(m["type"] == "turn" and m["turn"] == 2 for m in caller.messages))
+        await caller.pc.close()
+
+
+async def test_bad_requests_get_json_errors_and_calls_go_on(server, speech, tiny_settings):
+    async with aiohttp.ClientSession() as http:
+        caller = Caller(str(server.make_url("")))
+        caller.mic.say(speech[0], pause_s=0.5)
+        await caller.dial(http)
+        url = server.make_url("/offer")
+        too_big = "x" * (tiny_settings.server.max_body_kb * 1024 + 10)
+        cases = [
+            (dict(data=b"{not json"), 400),
+            (dict(data=b"\xff\xfe\xfd"), 400),
+            (dict(json=[1, 2]), 400),
+            (dict(json={"type": "offer"}), 400),
+            (dict(json={"sdp": "v=0", "type": "answer"}), 400),
+            (dict(json={"sdp": "this is not sdp", "type": "offer"}), 400),
+            (dict(json={"sdp": "v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "type": "offer"}), 400),
+            (dict(json={"sdp": caller.pc.localDescription.sdp, "type": "offer", "voice": "bob"}), 400),
+            (dict(data=too_big), 413),
+        ]
+        for kwargs, status in cases:
+            async with http.post(url, **kwargs) as r:
+                assert r.status == status, (kwargs.get("json"), await r.text())
+                assert "error" in await r.json()
+        for method, path, status in [("GET", "/nowhere", 404), ("DELETE", "/calls/nope", 404), ("PUT", "/offer", 405)]:
+            async with http.request(method, server.make_url(path)) as r:
+                assert r.status == status and "error" in await r.json()
+        state = await health(http, server)
+        assert state["status"] == "ready" and state["active_calls"] == 1
+        # The call in progress is unharmed: it is answered.
+        await caller.wait_for(lambda: caller.mic.speech_end is not None and caller.loud_since(caller.mic.speech_end))
+        assert caller.pc.connectionState == "connected"
+        await caller.pc.close()
+
+
+async def test_call_limit_answers_503(models, tiny_settings):
+    server = await start_server(models, tiny_settings.replace("server", max_calls=1))
+    try:
+        async with aiohttp.ClientSession() as http:
+            first, second = Caller(str(server.make_url(""))), Caller(str(server.make_url("")))
+            await first.dial(http)
+            await second.pc.setLocalDescription(await second.pc.createOffer())
+            body = {"sdp": second.pc.localDescription.sdp, "type": "offer"}
+            async with http.post(server.make_url("/offer"), json=body) as r:
+                assert r.status == 503 and "busy" in (await r.json())["error"]
+            await first.pc.close()
+            await second.pc.close()
+    finally:
+        await server.close()
+
+
+async def test_a_vanished_peer_is_cleaned_up(server, models, speech):
+    async with aiohttp.ClientSession() as http:
+        caller = Caller(str(server.make_url("")))
+        caller.mic.say(speech[0], pause_s=0.5)
+        await caller.dial(http)
+        call = server.app[CALLS][caller.call_id]
+        await caller.wait_for(lambda: caller.mic.speech_end is not None and caller.loud_since(caller.mic.speech_end))
+        await caller.pc.close()  # the tab is closed mid-reply: no DELETE
+        await caller.wait_for(lambda: caller.call_id not in server.app[CALLS], timeout=20)
+        assert call.session.closed and not call.session.agent_busy
+        assert (await health(http, server))["active_calls"] == 0
+        await asyncio.sleep(0.3)
+        assert not models.tts.active  # its speech generation stopped and was freed
+
+
+async def test_two_calls_at_once(server, speech):
+    async with aiohttp.ClientSession() as http:
+        callers = [Caller(str(server.make_url(""))) for _ in range(2)]
+        for caller, audio in zip(callers, speech):
+            caller.mic.say(audio, pause_s=0.5)
+        await asyncio.gather(*(c.dial(http) for c in callers))
+        assert (await health(http, server))["active_calls"] == 2
+        for caller in callers:
+            await caller.wait_for(lambda c=caller: c.mic.speech_end is not None and c.loud_since(c.mic.speech_end),
+                                  timeout=60)
+        for caller in callers:
+            await caller.pc.close()
+
+
+async def test_metrics_and_the_page(server):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.make_url("/metrics")) as r:
+            text = await r.text()
+        assert r.status == 200
+        for name in ("voice_agent_calls_total", "voice_agent_calls_active", "voice_agent_event_loop_lag_seconds_bucket",
+                     "voice_agent_turn_latency_seconds_bucket", "voice_agent_models_ready 1.0"):
+            assert name in text, name
+        async with http.get(server.make_url("/")) as r:
+            page = await r.text()
+        assert r.status == 200 and "<html" in page.lower()
+
+
+async def test_outbound_track_paces_and_survives_barge_in():
+    from agent.session import OutboundAudio
+
+    out = OutboundAudio(480, 100)
+    await out.put(np.full(480 * 20, 1000, dtype=np.int16), 1, 0)
+    track = SessionAudioTrack(out)
+    start = time.monotonic()
+    frames = [await track.recv() for _ in range(10)]
+    elapsed = time.monotonic() - start
+    assert 0.15 <= elapsed < 0.4  # 10 frames of 20 ms, paced (the first is due at once)
+    assert [f.pts for f in frames] == [480 * i for i in range(10)]
+    out.clear()  # barge-in
+    after = await track.recv()
+    assert after.pts == 4800 and not after.to_ndarray().any()  # silence, timestamps unbroken
+    await asyncio.sleep(0.5)  # the sender paused: the clock restarts, no burst of late frames
+    t0 = time.monotonic()
+    await track.recv()
+    await track.recv()
+    assert time.monotonic() - t0 >= 0.015
+    track.stop()
