@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     help="the call pipeline's own overhead per turn (outside the models)")
     pipeline.add_argument("--input", metavar="CALL.wav", help="caller audio (default: the test fixtures, two questions)")
     pipeline.add_argument("--json", action="store_true", help="print one JSON line")
+    webrtc = bench_sub.add_parser("webrtc", parents=[common],
+                                  help="loopback WebRTC calls: pacing, reply latency, calls at once")
+    webrtc.add_argument("--turns", type=int, default=4, help="questions asked for the latency figures (default 4)")
+    webrtc.add_argument("--max-calls", type=int, default=64, help="the most calls tried at once (default 64)")
+    webrtc.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_snac(args, settings)
         if args.command == "bench" and args.bench == "pipeline":
             return cmd_bench_pipeline(args, settings)
+        if args.command == "bench" and args.bench == "webrtc":
+            return cmd_bench_webrtc(args, settings)
     except (InputError, ConfigError) as e:
         print(f"voice-agent: error: {e}", file=sys.stderr)
         return 2
@@ -213,6 +220,27 @@ def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
     from .bench import bench_pipeline
 
     print(json.dumps(bench_pipeline(settings, args.input)) if args.json else bench_pipeline(settings, args.input))
+    return 0
+
+
+def cmd_bench_webrtc(args: argparse.Namespace, settings: Settings) -> int:
+    from signaling.bench import bench_webrtc
+
+    from .audio import read_audio
+    from .bench import FIXTURES
+    from .models import UnifiedModelManager
+
+    if args.turns < 1 or args.max_calls < 1:
+        raise InputError("--turns and --max-calls must be at least 1")
+    speech = [read_audio(FIXTURES / name, 16000) for name in ("question1.wav", "question2.wav")]
+    models = UnifiedModelManager(settings)
+    try:
+        models.load()
+        result = asyncio.run(bench_webrtc(models, settings, speech, args.turns, max_level=args.max_calls))
+    finally:
+        models.unload()
+    result.update(profile=settings.profile, device=str(models.device))
+    print(json.dumps(result) if args.json else result)
     return 0
 
 

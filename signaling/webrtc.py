@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any, Callable
 
 import av
@@ -49,7 +50,7 @@ class SessionAudioTrack(MediaStreamTrack):
         self.clock = clock
         self._start: float | None = None
         self._pts = 0
-        self.lateness: list[float] = []  # seconds each frame left after its due time (bench)
+        self.sent_at: deque[float] = deque(maxlen=10_000)  # when each frame left (pacing bench)
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -61,9 +62,7 @@ class SessionAudioTrack(MediaStreamTrack):
             due = now
         if due > now:
             await asyncio.sleep(due - now)
-        self.lateness.append(self.clock() - due)
-        if len(self.lateness) > 10_000:
-            del self.lateness[:5_000]
+        self.sent_at.append(self.clock())
         frame = self.outbound.get_nowait()
         samples = frame.samples if frame is not None else np.zeros(self.samples, dtype=np.int16)
         out = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")

@@ -1,28 +1,23 @@
 """Browser calls over WebRTC, tested with a real aiortc peer over loopback (tiny profile)."""
 
 import asyncio
-import fractions
-import json
 import time
 from pathlib import Path
 
 import aiohttp
-import av
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 
 from agent.audio import read_audio
 from agent.models import UnifiedModelManager
+from signaling.loopback import Caller
 from signaling.server import CALLS, create_app
 from signaling.webrtc import SessionAudioTrack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 FIXTURES = Path(__file__).parent / "fixtures"
 RATE = 16000
-LOUD = 300  # RMS of agent audio (the tiny profile speaks noise far louder than this)
 
 
 @pytest.fixture(scope="module")
@@ -49,83 +44,6 @@ async def server(models, tiny_settings):
     server = await start_server(models, tiny_settings)
     yield server
     await server.close()
-
-
-class Microphone(MediaStreamTrack):
-    """The caller: plays queued audio in real time, 20 ms frames, then silence."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue = np.zeros(0, dtype=np.int16)
-        self.pts = 0
-        self.start = None
-        self.speech_end = None  # wall time the last queued sample went out
-
-    def say(self, audio: np.ndarray, pause_s: float = 0.0) -> None:
-        self.queue = np.concatenate([self.queue, np.zeros(int(RATE * pause_s), np.int16), audio])
-        self.speech_end = None
-
-    async def recv(self):
-        if self.readyState != "live":
-            raise MediaStreamError
-        self.start = self.start or time.monotonic()
-        due = self.start + self.pts / RATE
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
-        chunk, self.queue = self.queue[:320], self.queue[320:]
-        if len(chunk) and not len(self.queue):
-            self.speech_end = time.monotonic()
-        frame = av.AudioFrame.from_ndarray(np.pad(chunk, (0, 320 - len(chunk))).reshape(1, -1), format="s16",
-                                           layout="mono")
-        frame.sample_rate, frame.pts, frame.time_base = RATE, self.pts, fractions.Fraction(1, RATE)
-        self.pts += 320
-        return frame
-
-
-class Caller:
-    """An aiortc peer calling the server as the web client does."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.pc = RTCPeerConnection()
-        self.mic = Microphone()
-        self.heard: list[tuple[float, float]] = []  # (wall time, RMS) of each received frame
-        self.messages: list[dict] = []
-        self.call_id = None
-        self.channel = self.pc.createDataChannel("events")
-        self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
-        self.pc.addTrack(self.mic)
-        self.pc.on("track", lambda track: asyncio.ensure_future(self._listen(track)))
-
-    async def _listen(self, track) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            x = frame.to_ndarray().astype(np.float64)
-            self.heard.append((time.monotonic(), float(np.sqrt(np.mean(x**2)))))
-
-    async def dial(self, http: aiohttp.ClientSession, voice=None) -> None:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
-        if voice:
-            body["voice"] = voice
-        async with http.post(self.base_url + "/offer", json=body) as r:
-            answer = await r.json()
-            assert r.status == 200, answer
-        self.call_id = answer["call_id"]
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-
-    def loud_since(self, t: float) -> list[float]:
-        return [when for when, rms in self.heard if when >= t and rms > LOUD]
-
-    async def wait_for(self, test, timeout: float = 40.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not test():
-            assert time.monotonic() < deadline, "timed out"
-            await asyncio.sleep(0.05)
 
 
 async def health(http, server):
