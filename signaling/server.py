@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ SETTINGS = web.AppKey("settings", Settings)
 CALLS = web.AppKey("calls", dict)
 
 LAG_MONITOR = web.AppKey("lag_monitor", asyncio.Task)
+LOADER = web.AppKey("loader", asyncio.Task)
 
 
 def error(status: int, reason: str) -> web.Response:
@@ -217,12 +220,29 @@ async def close_all_calls(app: web.Application) -> None:
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Load the models, then answer calls until interrupted (Ctrl-C)."""
+    """Answer calls until interrupted (Ctrl-C). The page and /health answer at once;
+    the models load in the background meanwhile (/health says "loading", /offer 503).
+    If they cannot be loaded, the server stops and the error is raised."""
     models = UnifiedModelManager(settings)
-    models.load()
     app = create_app(models, settings)
-    log.info("voice agent ready: open http://%s:%d/ in a browser", host, port)
+    failure: list[BaseException] = []
+
+    async def load_models(app: web.Application) -> None:
+        async def load() -> None:
+            try:
+                await asyncio.to_thread(models.load)
+                log.info("voice agent ready: open http://%s:%d/ in a browser", host, port)
+            except Exception as e:  # noqa: BLE001 - reported after the server stops
+                failure.append(e)
+                os.kill(os.getpid(), signal.SIGINT)  # run_app's own graceful shutdown
+
+        app[LOADER] = asyncio.ensure_future(load())
+
+    app.on_startup.append(load_models)
+    log.info("listening on http://%s:%d/ while the models load", host, port)
     try:
         web.run_app(app, host=host, port=port, print=None)
     finally:
         models.unload()
+    if failure:
+        raise failure[0]

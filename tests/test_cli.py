@@ -84,3 +84,24 @@ def test_bench_snac_json():
     assert result["default"]["first_audio_after_tokens"] <= 14
     assert result["default"]["rel_l2_err"] < 2e-2 < result["baseline"]["rel_l2_err"]
     assert result["default"]["lost_audio_ms"] == 0 and result["baseline"]["lost_audio_ms"] > 200
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_without_weights_stops_with_the_reason(tmp_path):
+    p = run("serve", "--port", str(free_port()), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}, timeout=120)
+    err = p.stderr.decode()
+    assert p.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "mistralai/Voxtral-Mini-3B-2507" in last and "--profile tiny" in last and "Traceback" not in err
+
+
+def test_serve_refuses_sip_until_it_exists():
+    p = run("serve", "--profile", "tiny", "--sip-port", "5060")
+    assert p.returncode == 2 and "SIP is not built yet" in p.stderr.decode()
