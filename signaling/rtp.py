@@ -1,0 +1,230 @@
+"""RTP for phone calls (RFC 3550 / 3551): G.711 at 8 kHz in 20 ms packets, and RFC 4733
+telephone-events (DTMF). aiortc's RtpPacket and G.711 codecs do the byte work.
+
+One RtpSession per call ticks every 20 ms, paced by the clock: it hands the caller's
+next 20 ms (from a small reordering jitter buffer, with loss concealment) to the call,
+and sends the agent's next 20 ms (silence when it has nothing to say) to where the
+caller's packets come from (symmetric RTP, so callers behind NAT hear us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import random
+import struct
+import time
+from collections import deque
+from typing import Callable
+
+import av
+import numpy as np
+from aiortc.codecs.g711 import PcmaDecoder, PcmaEncoder, PcmuDecoder, PcmuEncoder
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtp import RtpPacket
+
+from agent.audio import Resampler
+
+log = logging.getLogger(__name__)
+
+RATE = 8000
+SAMPLES = 160  # 20 ms
+PTIME_S = 0.02
+RESET_AFTER_S = 0.1  # a tick this late means the loop stalled: restart the clock, don't burst
+DTMF_EVENTS = "0123456789*#ABCD"
+CODECS = {"PCMU": (PcmuEncoder, PcmuDecoder), "PCMA": (PcmaEncoder, PcmaDecoder)}
+LOST = object()  # what JitterBuffer.pop() gives for a packet that never came
+
+
+class JitterBuffer:
+    """Puts packets back in sequence order and gives out one payload per tick.
+
+    It waits until `depth` packets are in before it starts, which absorbs that much
+    network jitter. A packet still missing when a later one is due counts as lost
+    (LOST); a late or duplicate packet is dropped. 16-bit sequence numbers wrap."""
+
+    def __init__(self, depth: int = 2, capacity: int = 50) -> None:
+        self.depth = depth
+        self.capacity = capacity
+        self._packets: dict[int, bytes] = {}
+        self._next: int | None = None  # extended sequence number due next
+        self.lost = 0
+        self.late = 0
+
+    def put(self, seq: int, payload: bytes) -> None:
+        if self._next is None:
+            if len(self._packets) < self.capacity:
+                self._packets.setdefault(seq, payload)
+            return
+        ahead = (seq - self._next) % 65536
+        if ahead >= 32768:  # behind what was already played: too late, or a duplicate
+            self.late += 1
+            return
+        if ahead >= self.capacity:  # a jump: the sender restarted its stream
+            self._packets.clear()
+            self._next += ahead
+        self._packets[self._next + ahead] = payload
+
+    def pop(self) -> bytes | object | None:
+        """The next payload, LOST for a gap, or None while there is nothing to play."""
+        if self._next is None:
+            if len(self._packets) < self.depth:
+                return None
+            # Unwrap the sequence numbers around the first one received, start at the earliest.
+            ref = next(iter(self._packets))
+            self._packets = {ref + (s - ref + 32768) % 65536 - 32768: p for s, p in self._packets.items()}
+            self._next = min(self._packets)
+        payload = self._packets.pop(self._next, None)
+        if payload is None and not self._packets:
+            return None  # underrun: wait for the next packet rather than skip ahead
+        self._next += 1
+        if payload is None:
+            self.lost += 1
+            return LOST
+        return payload
+
+
+def parse_dtmf(payload: bytes) -> tuple[str, bool, int] | None:
+    """RFC 4733 event payload -> (digit, end of event, duration in timestamp units)."""
+    if len(payload) < 4:
+        return None
+    event, flags, duration = struct.unpack("!BBH", payload[:4])
+    if event >= len(DTMF_EVENTS):
+        return None
+    return DTMF_EVENTS[event], bool(flags & 0x80), duration
+
+
+class RtpSession(asyncio.DatagramProtocol):
+    """One call's RTP stream. `take_frame()` gives the agent's next 20 ms (int16 at
+    `out_rate`, or None for silence); `on_audio(samples_8k)` gets the caller's; `on_dtmf`
+    gets each digit once."""
+
+    def __init__(self, codec: str, payload_type: int, dtmf_payload_type: int | None,
+                 remote: tuple[str, int], take_frame: Callable[[], np.ndarray | None], out_rate: int,
+                 on_audio: Callable[[np.ndarray], None], on_dtmf: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, jitter_depth: int = 2) -> None:
+        encoder, decoder = CODECS[codec]
+        self.encoder, self.decoder = encoder(), decoder()
+        self.payload_type = payload_type
+        self.dtmf_payload_type = dtmf_payload_type
+        self.remote = remote
+        self.take_frame = take_frame
+        self.on_audio = on_audio
+        self.on_dtmf = on_dtmf
+        self.clock = clock
+        self.jitter = JitterBuffer(jitter_depth)
+        self.to_8k = Resampler(RATE)
+        self.out_rate = out_rate
+        self._pending = np.zeros(0, dtype=np.int16)  # agent audio at 8 kHz not yet sent
+        self._last_in = np.zeros(SAMPLES, dtype=np.int16)
+        self._concealed = 0
+        self.ssrc = random.getrandbits(32)
+        self.seq = random.getrandbits(16)
+        self.timestamp = random.getrandbits(32)
+        self._dtmf_seen: set[int] = set()  # event timestamps already reported
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sent_at: deque[float] = deque(maxlen=10_000)  # when each packet left (pacing bench)
+        self.received = 0
+        self.dropped = 0
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self, host: str, port: int = 0) -> int:
+        """Bind the local RTP port (0: any) and start ticking; returns the port."""
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        self._task = asyncio.ensure_future(self._tick())
+        return self.transport.get_extra_info("sockname")[1]
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- receiving ------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            packet = RtpPacket.parse(data)
+        except ValueError:
+            self.dropped += 1
+            return
+        if packet.payload_type == self.payload_type:
+            self.jitter.put(packet.sequence_number, packet.payload)
+        elif self.dtmf_payload_type is not None and packet.payload_type == self.dtmf_payload_type:
+            self._dtmf(packet)
+        else:
+            self.dropped += 1
+            return
+        self.received += 1
+        self.remote = addr  # symmetric RTP: answer where the caller really is
+
+    def _dtmf(self, packet: RtpPacket) -> None:
+        event = parse_dtmf(packet.payload)
+        if event is None:
+            return
+        digit, _end, _duration = event
+        # An event is sent many times with one timestamp (and its end 3 times): report once.
+        if packet.timestamp in self._dtmf_seen:
+            return
+        self._dtmf_seen.add(packet.timestamp)
+        if len(self._dtmf_seen) > 1000:
+            self._dtmf_seen.clear()
+        if self.on_dtmf is not None:
+            self.on_dtmf(digit)
+
+    def _next_caller_audio(self) -> np.ndarray | None:
+        payload = self.jitter.pop()
+        if payload is None:
+            return None
+        if payload is LOST:
+            # Conceal one lost packet with the last one at half level, then silence.
+            self._concealed += 1
+            return (self._last_in // 2) if self._concealed == 1 else np.zeros(SAMPLES, dtype=np.int16)
+        self._concealed = 0
+        frames = self.decoder.decode(JitterFrame(payload, 0))
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]) if frames else None
+        if samples is not None:
+            self._last_in = samples
+        return samples
+
+    # -- sending --------------------------------------------------------------------
+
+    def _next_packet(self) -> bytes:
+        frame = self.take_frame()
+        if frame is not None:
+            self._pending = np.concatenate([self._pending, self.to_8k.push(frame, self.out_rate)])
+        chunk, self._pending = self._pending[:SAMPLES], self._pending[SAMPLES:]
+        samples = np.pad(chunk, (0, SAMPLES - len(chunk)))
+        audio = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        audio.sample_rate, audio.pts, audio.time_base = RATE, 0, fractions.Fraction(1, RATE)
+        payloads, _ = self.encoder.encode(audio)
+        packet = RtpPacket(payload_type=self.payload_type, sequence_number=self.seq,
+                           timestamp=self.timestamp, ssrc=self.ssrc, payload=payloads[0] if payloads else b"")
+        self.seq = (self.seq + 1) % 65536
+        self.timestamp = (self.timestamp + SAMPLES) % 2**32
+        return packet.serialize()
+
+    async def _tick(self) -> None:
+        start, n = self.clock(), 0
+        while True:
+            due = start + n * PTIME_S
+            now = self.clock()
+            if now - due > RESET_AFTER_S:
+                start, n, due = now, 0, now
+            if due > now:
+                await asyncio.sleep(due - now)
+            caller = self._next_caller_audio()
+            if caller is not None:
+                self.on_audio(caller)
+            if self.transport is not None and self.remote is not None:
+                self.transport.sendto(self._next_packet(), self.remote)
+                self.sent_at.append(self.clock())
+            n += 1
