@@ -210,9 +210,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     sip_port = settings.server.sip_port if args.sip_port is None else args.sip_port
     if not 0 < port < 65536:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
-    if sip_port != 0:
-        raise InputError("SIP is not built yet: use --sip-port 0 (browser calls only)")
-    serve(settings, host, port)
+    if not 0 <= sip_port < 65536:
+        raise InputError(f"--sip-port must be between 0 (off) and 65535, got {sip_port}")
+    serve(settings, host, port, sip_port)
     return 0
 
 

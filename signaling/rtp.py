@@ -34,6 +34,7 @@ PTIME_S = 0.02
 RESET_AFTER_S = 0.1  # a tick this late means the loop stalled: restart the clock, don't burst
 DTMF_EVENTS = "0123456789*#ABCD"
 CODECS = {"PCMU": (PcmuEncoder, PcmuDecoder), "PCMA": (PcmaEncoder, PcmaDecoder)}
+DTX_AFTER_TICKS = 3  # this many ticks with no packet, and the gap is heard as silence
 LOST = object()  # what JitterBuffer.pop() gives for a packet that never came
 
 
@@ -65,6 +66,10 @@ class JitterBuffer:
             self._packets.clear()
             self._next += ahead
         self._packets[self._next + ahead] = payload
+
+    @property
+    def started(self) -> bool:
+        return self._next is not None
 
     def pop(self) -> bytes | object | None:
         """The next payload, LOST for a gap, or None while there is nothing to play."""
@@ -119,6 +124,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self._pending = np.zeros(0, dtype=np.int16)  # agent audio at 8 kHz not yet sent
         self._last_in = np.zeros(SAMPLES, dtype=np.int16)
         self._concealed = 0
+        self._underruns = 0
         self.ssrc = random.getrandbits(32)
         self.seq = random.getrandbits(16)
         self.timestamp = random.getrandbits(32)
@@ -127,6 +133,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self.sent_at: deque[float] = deque(maxlen=10_000)  # when each packet left (pacing bench)
         self.received = 0
         self.dropped = 0
+        self.loud_sent = 0  # packets that carried the agent's voice, not silence
         self._task: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -183,7 +190,14 @@ class RtpSession(asyncio.DatagramProtocol):
     def _next_caller_audio(self) -> np.ndarray | None:
         payload = self.jitter.pop()
         if payload is None:
+            # Nothing to play. A packet or two late is jitter: wait. A longer gap is
+            # silence: phones that suppress silence (DTX) just stop sending, and the VAD
+            # must still hear the caller stop.
+            self._underruns += 1
+            if self.jitter.started and self._underruns > DTX_AFTER_TICKS:
+                return np.zeros(SAMPLES, dtype=np.int16)
             return None
+        self._underruns = 0
         if payload is LOST:
             # Conceal one lost packet with the last one at half level, then silence.
             self._concealed += 1
@@ -203,6 +217,7 @@ class RtpSession(asyncio.DatagramProtocol):
             self._pending = np.concatenate([self._pending, self.to_8k.push(frame, self.out_rate)])
         chunk, self._pending = self._pending[:SAMPLES], self._pending[SAMPLES:]
         samples = np.pad(chunk, (0, SAMPLES - len(chunk)))
+        self.loud_sent += int(np.abs(samples).max() > 500)
         audio = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         audio.sample_rate, audio.pts, audio.time_base = RATE, 0, fractions.Fraction(1, RATE)
         payloads, _ = self.encoder.encode(audio)

@@ -219,13 +219,27 @@ async def close_all_calls(app: web.Application) -> None:
     await asyncio.gather(*(call.close() for call in list(app[CALLS].values())), return_exceptions=True)
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, sip_port: int = 0) -> None:
     """Answer calls until interrupted (Ctrl-C). The page and /health answer at once;
     the models load in the background meanwhile (/health says "loading", /offer 503).
-    If they cannot be loaded, the server stops and the error is raised."""
+    If they cannot be loaded, the server stops and the error is raised. With a SIP port,
+    phone calls are answered there too (UDP)."""
+    from .sip import SipServer
+
     models = UnifiedModelManager(settings)
     app = create_app(models, settings)
     failure: list[BaseException] = []
+    sip = SipServer(models, settings, host, sip_port) if sip_port else None
+
+    async def start_sip(app: web.Application) -> None:
+        await sip.start()
+
+    async def stop_sip(app: web.Application) -> None:
+        await sip.close()
+
+    if sip is not None:
+        app.on_startup.append(start_sip)
+        app.on_shutdown.append(stop_sip)
 
     async def load_models(app: web.Application) -> None:
         async def load() -> None:

@@ -102,6 +102,29 @@ def test_serve_without_weights_stops_with_the_reason(tmp_path):
     assert "mistralai/Voxtral-Mini-3B-2507" in last and "--profile tiny" in last and "Traceback" not in err
 
 
-def test_serve_refuses_sip_until_it_exists():
-    p = run("serve", "--profile", "tiny", "--sip-port", "5060")
-    assert p.returncode == 2 and "SIP is not built yet" in p.stderr.decode()
+def test_serve_answers_sip_options_and_refuses_bad_ports():
+    import socket
+    import time
+
+    p = run("serve", "--profile", "tiny", "--sip-port", "70000")
+    assert p.returncode == 2 and "--sip-port" in p.stderr.decode()
+    http_port, sip_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--profile", "tiny", "--port", str(http_port),
+                             "--sip-port", str(sip_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        options = ("OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKo1;rport\r\n"
+                   "From: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:agent@127.0.0.1>\r\nCall-ID: probe1\r\n"
+                   "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1.0)
+            deadline, answer = time.monotonic() + 60, b""
+            while not answer and time.monotonic() < deadline:
+                s.sendto(options, ("127.0.0.1", sip_port))
+                try:
+                    answer = s.recv(4096)
+                except OSError:
+                    pass
+        assert answer.startswith(b"SIP/2.0 200"), answer
+    finally:
+        proc.terminate()
+        proc.wait(30)
