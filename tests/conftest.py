@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from agent.audio import read_audio
 from agent.config import Settings, load_settings
 from agent.models import UnifiedModelManager
 from agent.tts import TTSServiceDirect
@@ -24,6 +27,22 @@ def tts_models(tiny_settings):
     manager = UnifiedModelManager(tiny_settings)
     manager.load(listen=False)
     return manager.tts.orpheus, manager.tts.snac, manager.memory
+
+
+@pytest.fixture(scope="session")
+def models(tiny_settings):
+    """The tiny profile's UnifiedModelManager (Voxtral, Orpheus, SNAC), loaded once."""
+    manager = UnifiedModelManager(tiny_settings)
+    manager.load()
+    yield manager
+    manager.unload()
+
+
+@pytest.fixture(scope="session")
+def speech():
+    """Two spoken questions (espeak-ng), 16 kHz mono int16."""
+    fixtures = Path(__file__).parent / "fixtures"
+    return [read_audio(fixtures / f"question{i}.wav", 16000) for i in (1, 2)]
 
 
 @pytest.fixture

@@ -5,31 +5,14 @@ import json
 import subprocess
 import sys
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agent.audio import read_audio
 from agent.headless import VirtualClock, run_call
-from agent.models import UnifiedModelManager
 from agent.session import AgentInterrupted, CallSession, OutboundAudio, TextSegmenter
 
-FIXTURES = Path(__file__).parent / "fixtures"
 FRAME = 320  # 20 ms at 16 kHz
-
-
-@pytest.fixture(scope="module")
-def models(tiny_settings):
-    manager = UnifiedModelManager(tiny_settings)
-    manager.load()
-    yield manager
-    manager.unload()
-
-
-@pytest.fixture(scope="module")
-def speech():
-    return [read_audio(FIXTURES / f"question{i}.wav", 16000) for i in (1, 2)]
 
 
 def silence(s):

@@ -13,20 +13,11 @@ import pytest
 from aiortc.codecs.g711 import PcmuEncoder
 
 from agent.audio import read_audio
-from agent.models import UnifiedModelManager
 from signaling.sip import SipServer
 from signaling.sip_message import parse_message
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def models(tiny_settings):
-    manager = UnifiedModelManager(tiny_settings)
-    manager.load()
-    yield manager
-    manager.unload()
 
 
 async def start(models, settings, **kwargs) -> SipServer:

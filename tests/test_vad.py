@@ -1,7 +1,6 @@
 """VAD segmentation on real speech (espeak-ng fixtures), silence and noise."""
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,17 +10,11 @@ from agent.config import load_settings
 from agent.errors import InputError
 from agent.vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
 
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def vad_settings():
     return load_settings("tiny", env={}).vad
-
-
-@pytest.fixture(scope="module")
-def speech():
-    return [read_audio(FIXTURES / f"question{i}.wav", 16000) for i in (1, 2)]
 
 
 def silence(s):

@@ -2,35 +2,18 @@
 
 import asyncio
 import time
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
-from agent.audio import read_audio
-from agent.models import UnifiedModelManager
 from signaling.loopback import Caller
 from signaling.server import CALLS, create_app
 from signaling.webrtc import SessionAudioTrack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-FIXTURES = Path(__file__).parent / "fixtures"
 RATE = 16000
-
-
-@pytest.fixture(scope="module")
-def models(tiny_settings):
-    manager = UnifiedModelManager(tiny_settings)
-    manager.load()
-    yield manager
-    manager.unload()
-
-
-@pytest.fixture(scope="module")
-def speech():
-    return [read_audio(FIXTURES / f"question{i}.wav", RATE) for i in (1, 2)]
 
 
 async def start_server(models, settings):
