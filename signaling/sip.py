@@ -9,6 +9,7 @@ Responses go where RFC 3261 18.2.2 and RFC 3581 (rport) say, so callers behind N
 them. Anything malformed is answered 400 when it can be, dropped otherwise; nothing a
 caller sends may take the server down.
 
+The agent hangs up with a BYE on shutdown and when the ACK never comes.
 Not built yet (see the issue): TCP, outbound calls (UAC), echo-safe barge-in.
 """
 
@@ -28,8 +29,8 @@ from agent.session import OUT_RATE, CallSession
 
 from .rtp import RtpSession
 from .sdp import NoCommonCodec, SdpError, answer_audio, parse_sdp
-from .sip_message import (SipMessage, SipParseError, make_response, parse_message, response_address,
-                          set_received_rport)
+from .sip_message import (SipMessage, SipParseError, make_response, parse_message, parse_name_addr,
+                          response_address, set_received_rport, split_top)
 
 log = logging.getLogger(__name__)
 T1, T2 = 0.5, 4.0  # RFC 3261 timers: the 200 OK is resent at T1, 2 T1, ... capped at T2
@@ -85,7 +86,9 @@ class SipServer(asyncio.DatagramProtocol):
         self.transport = transport
 
     async def close(self) -> None:
-        await asyncio.gather(*(self._end(call) for call in list(self.calls.values())), return_exceptions=True)
+        """Hang up every call (BYE) and stop listening."""
+        await asyncio.gather(*(self._end(call, bye=True) for call in list(self.calls.values())),
+                             return_exceptions=True)
         if self.transport is not None:
             self.transport.close()
 
@@ -203,7 +206,7 @@ class SipServer(asyncio.DatagramProtocol):
                 interval = min(2 * interval, T2)
                 self._send(ok, call)
         log.warning("call %s: no ACK after %.0f s; ending it", call.call_id, TIMER_H)
-        await self._end(call)
+        await self._end(call, bye=True)
 
     async def _cancel(self, msg: SipMessage, addr: tuple[str, int]) -> None:
         call = self.calls.get(msg.call_id)
@@ -219,10 +222,13 @@ class SipServer(asyncio.DatagramProtocol):
             call.final_response = terminated
             self._send(terminated, call)
 
-    async def _end(self, call: SipCall) -> None:
+    async def _end(self, call: SipCall, bye: bool = False) -> None:
+        """End a call; `bye` when the agent hangs up (the caller's BYE needs none back)."""
         if call.ended:
             return
         call.ended = True
+        if bye and call.answered:
+            self._send(self._bye(call), call)
         self.calls.pop(call.call_id, None)
         for task in call.tasks:
             if task is not asyncio.current_task():
@@ -252,6 +258,20 @@ class SipServer(asyncio.DatagramProtocol):
     def _send(self, data: bytes, call: SipCall) -> None:
         self.transport.sendto(data, response_address(call.invite.via[0], call.source))
 
+    def _bye(self, call: SipCall) -> bytes:
+        """The agent's BYE: its side of the dialog is the INVITE's To (with our tag), sent
+        where the INVITE came from (the Contact may be a private address behind NAT)."""
+        invite = call.invite
+        bye = SipMessage(method="BYE", uri=_contact_uri(invite) or invite.uri, headers=[
+            ("Via", f"SIP/2.0/UDP {_hostport(self.advertise, self.port)};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport"),
+            ("Max-Forwards", "70"),
+            ("From", f"{invite.header('To')};tag={call.local_tag}"),
+            ("To", invite.header("From")),
+            ("Call-ID", call.call_id),
+            ("CSeq", "1 BYE"),
+        ])
+        return bye.to_bytes()
+
     def _reject_malformed(self, data: bytes, addr, error: Exception) -> None:
         """A 400 when the message names enough to answer it (RFC 3261 21.4.1), else drop it."""
         self.dropped += 1
@@ -271,6 +291,16 @@ class SipServer(asyncio.DatagramProtocol):
             f"{n}: {wanted[k]}" for n, k in (("Via", "via"), ("From", "from"), ("To", "to"),
                                             ("Call-ID", "call-id"), ("CSeq", "cseq"))] + ["Content-Length: 0"]
         self.transport.sendto(("\r\n".join(head) + "\r\n\r\n").encode(), addr)
+
+
+def _contact_uri(msg: SipMessage) -> str | None:
+    contact = msg.header("Contact")
+    if not contact:
+        return None
+    try:
+        return str(parse_name_addr(split_top(contact, ",")[0]).uri)
+    except SipParseError:
+        return None
 
 
 def _samples(session: CallSession):

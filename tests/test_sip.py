@@ -182,3 +182,22 @@ async def test_answer_ack_bye_and_the_call_limit(models, tiny_settings):
     finally:
         transport.close()
         await server.close()
+
+
+async def test_the_agent_hangs_up_with_a_bye(models, tiny_settings):
+    server = await start(models, tiny_settings)
+    transport, port, send, expect = await phone_for(server)
+    try:
+        call_id = uuid.uuid4().hex
+        send(request("INVITE", port, call_id, 1, "z1", body=offer(free_udp_port())))
+        await expect(100, 180, 200)
+        tag = server.calls[call_id].local_tag
+        send(request("ACK", port, call_id, 1, "z2", to_tag=tag))
+        await asyncio.sleep(0.1)
+        await server.close()  # shutting down hangs up
+        bye = await asyncio.wait_for(transport.get_protocol().messages.get(), 5)
+        assert bye.method == "BYE" and bye.call_id == call_id
+        assert bye.from_tag == tag and bye.to_tag == "phone1" and bye.cseq == (1, "BYE")
+        assert not server.calls
+    finally:
+        transport.close()
