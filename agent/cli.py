@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     webrtc.add_argument("--turns", type=int, default=4, help="questions asked for the latency figures (default 4)")
     webrtc.add_argument("--max-calls", type=int, default=64, help="the most calls tried at once (default 64)")
     webrtc.add_argument("--json", action="store_true", help="print one JSON line")
+    sip = bench_sub.add_parser("sip", parents=[common], help="a loopback SIP call: RTP pacing, reply latency")
+    sip.add_argument("--turns", type=int, default=4, help="questions asked (default 4)")
+    sip.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_pipeline(args, settings)
         if args.command == "bench" and args.bench == "webrtc":
             return cmd_bench_webrtc(args, settings)
+        if args.command == "bench" and args.bench == "sip":
+            return cmd_bench_sip(args, settings)
     except (InputError, ConfigError) as e:
         print(f"voice-agent: error: {e}", file=sys.stderr)
         return 2
@@ -237,6 +242,27 @@ def cmd_bench_webrtc(args: argparse.Namespace, settings: Settings) -> int:
     try:
         models.load()
         result = asyncio.run(bench_webrtc(models, settings, speech, args.turns, max_level=args.max_calls))
+    finally:
+        models.unload()
+    result.update(profile=settings.profile, device=str(models.device))
+    print(json.dumps(result) if args.json else result)
+    return 0
+
+
+def cmd_bench_sip(args: argparse.Namespace, settings: Settings) -> int:
+    from signaling.bench import bench_sip
+
+    from .audio import read_audio
+    from .bench import FIXTURES
+    from .models import UnifiedModelManager
+
+    if args.turns < 1:
+        raise InputError("--turns must be at least 1")
+    speech = [read_audio(FIXTURES / name, 8000) for name in ("question1.wav", "question2.wav")]
+    models = UnifiedModelManager(settings)
+    try:
+        models.load()
+        result = asyncio.run(bench_sip(models, settings, speech, args.turns))
     finally:
         models.unload()
     result.update(profile=settings.profile, device=str(models.device))

@@ -128,3 +128,11 @@ def test_serve_answers_sip_options_and_refuses_bad_ports():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_bench_sip_json():
+    p = run("bench", "sip", "--profile", "tiny", "--turns", "1", "--json")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    result = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    assert len(result["reply_latency_ms"]["turns"]) == 1 and result["reply_latency_ms"]["p50"] > 0
+    assert result["rtp_pacing_interval_error_ms"]["packets"] > 50 and result["codec"] == "PCMU"
