@@ -231,38 +231,32 @@ def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench_webrtc(args: argparse.Namespace, settings: Settings) -> int:
     from signaling.bench import bench_webrtc
 
-    from .audio import read_audio
-    from .bench import FIXTURES
-    from .models import UnifiedModelManager
-
     if args.turns < 1 or args.max_calls < 1:
         raise InputError("--turns and --max-calls must be at least 1")
-    speech = [read_audio(FIXTURES / name, 16000) for name in ("question1.wav", "question2.wav")]
-    models = UnifiedModelManager(settings)
-    try:
-        models.load()
-        result = asyncio.run(bench_webrtc(models, settings, speech, args.turns, max_level=args.max_calls))
-    finally:
-        models.unload()
-    result.update(profile=settings.profile, device=str(models.device))
-    print(json.dumps(result) if args.json else result)
-    return 0
+    return _bench_call(args, settings, 16000, lambda models, speech: bench_webrtc(
+        models, settings, speech, args.turns, max_level=args.max_calls))
 
 
 def cmd_bench_sip(args: argparse.Namespace, settings: Settings) -> int:
     from signaling.bench import bench_sip
 
+    if args.turns < 1:
+        raise InputError("--turns must be at least 1")
+    return _bench_call(args, settings, 8000, lambda models, speech: bench_sip(models, settings, speech, args.turns))
+
+
+def _bench_call(args: argparse.Namespace, settings: Settings, rate: int, bench) -> int:
+    """Load the models, run `bench(models, speech)` (a coroutine) with the two fixture
+    questions at `rate` Hz as the caller's speech, and print its result."""
     from .audio import read_audio
     from .bench import FIXTURES
     from .models import UnifiedModelManager
 
-    if args.turns < 1:
-        raise InputError("--turns must be at least 1")
-    speech = [read_audio(FIXTURES / name, 8000) for name in ("question1.wav", "question2.wav")]
+    speech = [read_audio(FIXTURES / name, rate) for name in ("question1.wav", "question2.wav")]
     models = UnifiedModelManager(settings)
     try:
         models.load()
-        result = asyncio.run(bench_sip(models, settings, speech, args.turns))
+        result = asyncio.run(bench(models, speech))
     finally:
         models.unload()
     result.update(profile=settings.profile, device=str(models.device))
