@@ -29,7 +29,7 @@ from agent.session import OUT_RATE, CallSession
 
 from .rtp import RtpSession
 from .sdp import NoCommonCodec, SdpError, answer_audio, parse_sdp
-from .sip_message import (SipMessage, SipParseError, make_response, parse_message, parse_name_addr,
+from .sip_message import (SipMessage, SipParseError, canonical_name, make_response, parse_message, parse_name_addr,
                           response_address, set_received_rport, split_top)
 
 log = logging.getLogger(__name__)
@@ -278,18 +278,18 @@ class SipServer(asyncio.DatagramProtocol):
         text = data[:8192].decode("utf-8", "replace")
         if not re.match(r"[A-Za-z]+ \S+ SIP/2\.0\r?\n", text):
             return
-        wanted = {}
+        needed = ("Via", "From", "To", "Call-ID", "CSeq")
+        wanted: dict[str, str] = {}
         for line in re.split(r"\r?\n", text):
             name, colon, value = line.partition(":")
-            key = {"v": "via", "f": "from", "t": "to", "i": "call-id"}.get(name.strip().lower(), name.strip().lower())
-            if colon and key in ("via", "from", "to", "call-id", "cseq") and key not in wanted:
-                wanted[key] = value.strip()
-        if len(wanted) < 5 or not all(wanted.values()):
+            name = canonical_name(name)
+            if colon and name in needed and name not in wanted:
+                wanted[name] = value.strip()
+        if len(wanted) < len(needed) or not all(wanted.values()):
             return
         reason = re.sub(r"[\r\n]", " ", str(error))[:100]
-        head = [f"SIP/2.0 400 Bad Request ({reason})"] + [
-            f"{n}: {wanted[k]}" for n, k in (("Via", "via"), ("From", "from"), ("To", "to"),
-                                            ("Call-ID", "call-id"), ("CSeq", "cseq"))] + ["Content-Length: 0"]
+        head = ([f"SIP/2.0 400 Bad Request ({reason})"] + [f"{name}: {wanted[name]}" for name in needed]
+                + ["Content-Length: 0"])
         self.transport.sendto(("\r\n".join(head) + "\r\n\r\n").encode(), addr)
 
 
