@@ -19,6 +19,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.to
 ENV_PREFIX = "VOICE_AGENT_"
 # Environment variables with the prefix that are not settings overrides.
 ENV_NOT_SETTINGS = {"VOICE_AGENT_PROFILE", "VOICE_AGENT_CACHE"}
+DTMF_KEYS = "0123456789*#ABCD"  # the RFC 4733 events a phone keypad sends
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,16 @@ class TTSSettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    mode: str
+    max_streams: int
+    max_seq_len: int
+    prefill_chunk: int
+    defer_lead_s: float
+    cuda_graphs: bool
+
+
+@dataclass(frozen=True)
 class VoxtralSettings:
     model: str
     temperature: float
@@ -78,6 +89,13 @@ class VADSettings:
 
 
 @dataclass(frozen=True)
+class EchoSettings:
+    guard: str
+    max_delay_ms: int
+    margin_db: float
+
+
+@dataclass(frozen=True)
 class SessionSettings:
     instructions: str
     voice: str
@@ -85,6 +103,7 @@ class SessionSettings:
     frame_ms: int
     max_queued_s: float
     min_first_chunk_chars: int
+    hangup_digit: str
 
 
 @dataclass(frozen=True)
@@ -110,8 +129,10 @@ class Settings:
     orpheus: OrpheusSettings
     snac: SnacSettings
     tts: TTSSettings
+    engine: EngineSettings
     voxtral: VoxtralSettings
     vad: VADSettings
+    echo: EchoSettings
     session: SessionSettings
     server: ServerSettings
     monitor: MonitorSettings
@@ -129,8 +150,10 @@ SECTIONS: dict[str, type] = {
     "orpheus": OrpheusSettings,
     "snac": SnacSettings,
     "tts": TTSSettings,
+    "engine": EngineSettings,
     "voxtral": VoxtralSettings,
     "vad": VADSettings,
+    "echo": EchoSettings,
     "session": SessionSettings,
     "server": ServerSettings,
     "monitor": MonitorSettings,
@@ -141,9 +164,11 @@ _CHOICES = {
     "device.device": ("auto", "cuda", "cpu"),
     "device.dtype": ("auto", "bfloat16", "float16", "float32"),
     "snac.decoder_mode": ("default", "baseline"),
+    "engine.mode": ("batched", "single"),
     "vad.aggressiveness": (0, 1, 2, 3),
     "vad.frame_ms": (10, 20, 30),
     "session.frame_ms": (10, 20, 30, 40, 60),
+    "echo.guard": ("auto", "on", "off"),
 }
 _RANGES = {
     "device.headroom_gb": (0.0, None),
@@ -156,6 +181,10 @@ _RANGES = {
     "tts.retry_backoff_s": (0.0, 60.0),
     "tts.max_sentence_chars": (20, 100_000),
     "tts.seed": (-1, 2**63 - 1),
+    "engine.max_streams": (1, 4096),
+    "engine.max_seq_len": (64, 131_072),
+    "engine.prefill_chunk": (16, 131_072),
+    "engine.defer_lead_s": (0.0, 600.0),
     "voxtral.temperature": (0.0, 10.0),
     "voxtral.top_p": (1e-6, 1.0),
     "voxtral.max_new_tokens": (1, 100_000),
@@ -166,6 +195,8 @@ _RANGES = {
     "vad.max_utterance_s": (1.0, 600.0),
     "vad.snr_db": (0.0, 60.0),
     "vad.min_level_db": (-120.0, 0.0),
+    "echo.max_delay_ms": (20, 2000),
+    "echo.margin_db": (0.0, 40.0),
     "session.max_history_turns": (0, 1000),
     "session.max_queued_s": (0.1, 600.0),
     "session.min_first_chunk_chars": (1, 10_000),
@@ -292,6 +323,9 @@ def _check_cross(s: Settings) -> None:
         raise ConfigError(f"setting tts.default_voice {s.tts.default_voice!r} is not in tts.voices")
     if s.tts.fallback_voice and s.tts.fallback_voice not in s.tts.voices:
         raise ConfigError(f"setting tts.fallback_voice {s.tts.fallback_voice!r} is not in tts.voices")
+    if s.session.hangup_digit and (len(s.session.hangup_digit) != 1 or s.session.hangup_digit not in DTMF_KEYS):
+        raise ConfigError(f"setting session.hangup_digit must be one key of {DTMF_KEYS} or \"\" (off); "
+                          f"got {s.session.hangup_digit!r}")
     if s.session.voice and s.session.voice not in s.tts.voices:
         raise ConfigError(f"setting session.voice {s.session.voice!r} is not in tts.voices")
     if s.orpheus.max_tokens % 7:

@@ -11,20 +11,36 @@ import torch
 from .errors import ModelInitializationError
 
 
-def sample_index(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Index of the choice drawn from `scores` (logits) with temperature and top-p
-    (argmax at temperature 0), as transformers' processors would draw it."""
+def sample_rows(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """One choice per row of `scores` (B, N logits), with per-row temperature and top-p
+    (B,), drawn by inverse CDF from the given uniforms (B,) in [0, 1) (argmax where the
+    temperature is 0). Each caller draws its uniforms from its own generator, so a row
+    gets the same choice whether it is sampled alone or in a batch."""
     scores = scores.float()
-    if temperature <= 0.0:
-        return int(torch.argmax(scores))
-    probs = torch.softmax(scores / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always the first).
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    greedy = temperature <= 0.0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    probs = torch.softmax(scores / t[:, None], dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (always the first).
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p.float()[:, None]
+    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    cdf = torch.cumsum(sorted_probs, dim=-1)
+    target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[-1] - 1)
+    choice = order.gather(1, picked)[:, 0]
+    return torch.where(greedy, scores.argmax(dim=-1), choice)
+
+
+def draw_uniform(generator: torch.Generator) -> float:
+    """The next uniform in [0, 1) of a (CPU) generator: one per sampled token."""
+    return float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+def sample_index(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Index of the choice drawn from one row of `scores` (see sample_rows)."""
+    u = torch.tensor([draw_uniform(generator)])
+    return int(sample_rows(scores[None], torch.tensor([temperature]), torch.tensor([top_p]), u)[0])
 
 
 class CachedGeneration:

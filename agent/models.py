@@ -2,51 +2,24 @@
 
 `UnifiedModelManager` loads Voxtral, then Orpheus and SNAC, one after the other,
 checking the memory budget before each, and owns the `DeviceThread` on which all model
-work runs, so the asyncio event loop never waits on a model.
+work runs (agent/engine.py), so the asyncio event loop never waits on a model. With
+`engine.mode = "batched"` the speech streams of every call share its decode steps.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
 
 from .config import Settings
+from .engine import DeviceThread
 from .errors import ModelInitializationError
 from .memory import GPUMemoryManager, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-
-class DeviceThread:
-    """One worker thread for model work; calls run in the order they were made.
-
-    `busy_s` adds up the time spent in calls, so callers can tell model time from
-    their own overhead."""
-
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
-        self._lock = threading.Lock()
-        self.busy_s = 0.0
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
-
-    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            with self._lock:
-                self.busy_s += time.perf_counter() - t0
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
 
 
 class UnifiedModelManager:
@@ -113,8 +86,25 @@ class UnifiedModelManager:
         snac_source = resolve_source(s.snac.model, "snac")
         log.info("loading SNAC from %s...", snac_source)
         snac = self._measured("snac", lambda: load_snac(snac_source, self.device, s.snac.noise, self.memory.check))
-        self.tts = TTSServiceDirect(orpheus, snac, s, memory=self.memory, device_thread=self.device_thread)
+        batcher = self._batcher(orpheus, snac) if s.engine.mode == "batched" else None
+        self.tts = TTSServiceDirect(orpheus, snac, s, memory=self.memory, device_thread=self.device_thread,
+                                    batcher=batcher)
         log.info("models ready in %.1f s: %s", time.perf_counter() - t0, self.memory_report())
+
+    def _batcher(self, orpheus, snac):
+        """The continuous-batching engine for speech, with its static KV cache."""
+        from .engine import SpeechBatcher, StaticLlama
+
+        e = self.settings.engine
+        need = StaticLlama.cache_bytes(orpheus.model.config, e.max_streams, e.max_seq_len, orpheus.dtype)
+        self.memory.check("the speech engine's KV cache (engine.max_streams x engine.max_seq_len)", need)
+        log.info("preparing the speech engine: %d streams x %d tokens (%.0f MiB KV cache)...",
+                 e.max_streams, e.max_seq_len, need / 2**20)
+        batcher = self._measured("engine", lambda: SpeechBatcher(
+            orpheus, snac, e.max_streams, e.max_seq_len, e.prefill_chunk, e.defer_lead_s,
+            self.settings.snac.decoder_mode, self.settings.snac.max_frames_per_window, e.cuda_graphs))
+        self.device_thread.attach(batcher)
+        return batcher
 
     def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any],
                             check: Callable[[Any], None] | None = None) -> Any:

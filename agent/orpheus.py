@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ModelInitializationError
-from .generation import CachedGeneration, InProcessModel, estimate_llama_bytes, load_failure, sample_index
+from .generation import (CachedGeneration, InProcessModel, draw_uniform, estimate_llama_bytes, load_failure,
+                         sample_rows)
 
 log = logging.getLogger(__name__)
 
@@ -93,40 +94,67 @@ class SamplingParams:
     max_tokens: int = 1400  # audio tokens; a multiple of 7
 
 
-class ConstrainedSampler:
-    """Samples the next audio token from the ids its slot allows.
+AUDIO_IDS = FRAME_TOKENS * CODEBOOK_SIZE  # 28,672 audio ids from AUDIO_BASE on
+EOS_COLUMN = AUDIO_IDS  # sampling sees the audio ids, then end_of_speech, as one block
 
-    Only the 4096 ids of the current slot are candidates (plus end_of_speech at a
-    frame boundary), so a stream cannot misalign. Repetition penalty, temperature and
-    top-p apply to those candidates as transformers' processors would to the full row.
+
+def audio_block(logits: torch.Tensor) -> torch.Tensor:
+    """The scores sampling looks at, from full-vocabulary logits (..., V): the 28,672
+    audio ids, then end_of_speech (..., 28,673)."""
+    return torch.cat([logits[..., AUDIO_BASE:AUDIO_BASE + AUDIO_IDS], logits[..., END_OF_SPEECH:END_OF_SPEECH + 1]], -1)
+
+
+def column_to_token(column: int) -> int:
+    return END_OF_SPEECH if column == EOS_COLUMN else AUDIO_BASE + column
+
+
+def sample_audio(block: torch.Tensor, positions: torch.Tensor, seen: torch.Tensor, temperature: torch.Tensor,
+                 top_p: torch.Tensor, repetition_penalty: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Position-constrained sampling for a batch of streams: the chosen block column per row.
+
+    Row b may only choose among the 4096 ids of slot positions[b] % 7 (plus end_of_speech
+    at a frame boundary), so a stream cannot misalign. `seen` (B, 28,673) marks the ids a
+    stream already used: the repetition penalty applies to those as transformers' processor
+    would to the full row. The single-stream sampler is this with B = 1, so a stream gets
+    the same tokens alone or batched.
     """
+    slot = positions % FRAME_TOKENS
+    cols = slot[:, None] * CODEBOOK_SIZE + torch.arange(CODEBOOK_SIZE, device=block.device)
+    cols = torch.cat([cols, torch.full_like(cols[:, :1], EOS_COLUMN)], 1)  # (B, 4097)
+    scores = block.gather(1, cols).float()
+    scores[:, -1] = torch.where(slot == 0, scores[:, -1], torch.full_like(scores[:, -1], -float("inf")))
+    rp = repetition_penalty.float()[:, None]
+    penalised = torch.where(scores > 0, scores / rp, scores * rp)
+    scores = torch.where(seen.gather(1, cols), penalised, scores)
+    choice = sample_rows(scores, temperature, top_p, uniforms)
+    return cols.gather(1, choice[:, None])[:, 0]
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device,
-                 generator: torch.Generator) -> None:
+
+class ConstrainedSampler:
+    """Position-constrained sampling for one stream (sample_audio with one row)."""
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator, device: torch.device) -> None:
         self.params = params
         self.generator = generator
-        self.seen = torch.zeros(VOCAB_SIZE, dtype=torch.bool, device=device)
-        self.seen[torch.tensor(list(prompt_ids), device=device)] = True
-        self._eos = torch.tensor([END_OF_SPEECH], device=device)
-
-    def candidates(self, position: int) -> torch.Tensor:
-        slot = position % FRAME_TOKENS
-        low = AUDIO_BASE + slot * CODEBOOK_SIZE
-        ids = torch.arange(low, low + CODEBOOK_SIZE, device=self.seen.device)
-        return torch.cat([ids, self._eos]) if slot == 0 else ids
+        self.seen = torch.zeros(1, AUDIO_IDS + 1, dtype=torch.bool, device=device)  # the prompt has no audio ids
+        p = params
+        self._t, self._p, self._rp = (torch.tensor([v], device=device)
+                                      for v in (p.temperature, p.top_p, p.repetition_penalty))
 
     def __call__(self, logits: torch.Tensor, position: int) -> int:
-        ids = self.candidates(position)
-        scores = logits[ids].float()
-        p = self.params
-        if p.repetition_penalty != 1.0:
-            seen = self.seen[ids]
-            penalised = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
-            scores = torch.where(seen, penalised, scores)
-        choice = sample_index(scores, p.temperature, p.top_p, self.generator)
-        token = int(ids[choice])
-        self.seen[token] = True
-        return token
+        """The next token id, from one position's full-vocabulary logits."""
+        u = torch.tensor([draw_uniform(self.generator)])
+        pos = torch.tensor([position], device=logits.device)
+        column = int(sample_audio(audio_block(logits)[None], pos, self.seen, self._t, self._p, self._rp, u)[0])
+        self.seen[0, column] = True
+        return column_to_token(column)
+
+
+def stream_generator(seed: int) -> torch.Generator:
+    """A stream's own random numbers (CPU, so a seed means the same on every device)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
 
 
 class TokenStream(CachedGeneration):
@@ -142,9 +170,7 @@ class TokenStream(CachedGeneration):
         self.model = model
         self.params = params
         self.prompt_ids = list(prompt_ids)
-        generator = torch.Generator(device=model.device)
-        generator.manual_seed(seed)
-        self.sampler = ConstrainedSampler(params, self.prompt_ids, model.device, generator)
+        self.sampler = ConstrainedSampler(params, stream_generator(seed), model.device)
         self.position = 0  # audio tokens generated so far
         self.stopped_by_model = False  # True when the model chose end_of_speech
 

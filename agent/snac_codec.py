@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -139,41 +140,52 @@ class StreamingSNACDecoder:
 
     def push(self, frame: Sequence[int]) -> np.ndarray | None:
         """Add one frame; return new audio (float32) when some is ready."""
+        self.add(frame)
+        try:
+            window = self.next_window(final=False)
+            return self._decode(window) if window is not None else None
+        finally:
+            self.mark_done()
+
+    def flush(self) -> np.ndarray | None:
+        """The stream ended: return the audio not yet emitted."""
+        window = self.next_window(final=True)
+        return self._decode(window) if window is not None else None
+
+    # The three parts of push(), for a caller that decodes many streams' windows in one
+    # batch (decode_batch): add the frame, ask which window is due, accept its audio.
+
+    def add(self, frame: Sequence[int]) -> None:
         now = self.clock()
         if self._last_push_done is not None:
             self._gen_s_per_frame = _ema(self._gen_s_per_frame, now - self._last_push_done)
         self.frames.append(list(frame))
-        try:
-            if self.mode == "baseline":
-                return self._push_baseline()
-            return self._next_chunk(final=False)
-        finally:
-            self._last_push_done = self.clock()
 
-    def flush(self) -> np.ndarray | None:
-        """The stream ended: return the audio not yet emitted."""
+    def mark_done(self) -> None:
+        """The frame just added is handled (decoded or not): generation time restarts."""
+        self._last_push_done = self.clock()
+
+    def next_window(self, final: bool) -> "Window | None":
+        """The window to decode now, if any (`final`: the stream has ended)."""
+        n = len(self.frames)
         if self.mode == "baseline":
-            return None  # the reference never flushes its last frames
-        return self._next_chunk(final=True)
-
-    def _push_baseline(self) -> np.ndarray | None:
-        n = len(self.frames)
-        if n * FRAME_TOKENS <= 27:
-            return None
-        return self._decode(n - 4, n, n - 3, n - 2)
-
-    def _next_chunk(self, final: bool) -> np.ndarray | None:
-        n = len(self.frames)
+            # The reference never flushes its last frames.
+            return None if final or n * FRAME_TOKENS <= 27 else Window(n - 4, n, n - 3, n - 2)
         if self.emitted == 0 and not final:
             if n < self.FIRST_CHUNK_FRAMES:
                 return None
-            return self._decode(0, self.FIRST_CHUNK_FRAMES, 0, 1)
+            return Window(0, self.FIRST_CHUNK_FRAMES, 0, 1)
         ready = n if final else n - self.RIGHT
         pending = ready - self.emitted
         if pending <= 0 or (not final and pending < self._frames_wanted()):
             return None
         start = self.emitted
-        return self._decode(max(0, start - self.LEFT), min(n, ready + self.RIGHT), start, ready)
+        return Window(max(0, start - self.LEFT), min(n, ready + self.RIGHT), start, ready)
+
+    @property
+    def lead_s(self) -> float:
+        """How far the audio emitted so far runs ahead of the listener (0 before any)."""
+        return 0.0 if self._play_end is None else max(0.0, self._play_end - self.clock())
 
     def _frames_wanted(self) -> int:
         if self._play_end is None or self._decode_s_per_frame is None:
@@ -190,24 +202,59 @@ class StreamingSNACDecoder:
         return max(1, min(self.max_frames_per_window, max(affordable, sustaining)))
 
     @torch.inference_mode()
-    def _decode(self, win_start: int, win_end: int, emit_start: int, emit_end: int) -> np.ndarray:
+    def _decode(self, window: "Window") -> np.ndarray:
         t0 = time.perf_counter()
-        codes = frames_to_codes(self.frames[win_start:win_end], self._device)
-        audio = self.snac.decode(codes)[0, 0]
-        lo = (emit_start - win_start) * FRAME_SAMPLES
-        hi = (emit_end - win_start) * FRAME_SAMPLES
+        audio = self.snac.decode(frames_to_codes(self.frames[window.start:window.end], self._device))[0, 0]
+        return self.accept(window, audio, time.perf_counter() - t0)
+
+    def accept(self, window: "Window", audio: torch.Tensor, elapsed: float) -> np.ndarray:
+        """Take the decoded window (1-D samples) and return the part it emits."""
+        lo = (window.emit_start - window.start) * FRAME_SAMPLES
+        hi = (window.emit_end - window.start) * FRAME_SAMPLES
         out = audio[lo:hi].float().cpu().numpy()
-        elapsed = time.perf_counter() - t0
         self.decode_s += elapsed
-        self._decode_s_per_frame = _ema(self._decode_s_per_frame, elapsed / (win_end - win_start))
+        self._decode_s_per_frame = _ema(self._decode_s_per_frame, elapsed / window.frames)
         self.windows += 1
         if self.first_audio_after_tokens is None:
             self.first_audio_after_tokens = len(self.frames) * FRAME_TOKENS
         now = self.clock()
         self._play_end = max(self._play_end or now, now) + len(out) / SAMPLE_RATE
-        self.emitted = emit_end
+        self.emitted = window.emit_end
         self.emitted_samples += len(out)
         return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """Frames [start, end) are decoded; the audio of frames [emit_start, emit_end) goes out."""
+    start: int
+    end: int
+    emit_start: int
+    emit_end: int
+
+    @property
+    def frames(self) -> int:
+        return self.end - self.start
+
+
+@torch.inference_mode()
+def decode_batch(snac, jobs: Sequence[tuple[StreamingSNACDecoder, Window]]) -> list[np.ndarray]:
+    """Decode many streams' windows with one SNAC call per window length (SNAC decodes
+    a batch of equally long code sequences); returns each job's emitted audio."""
+    out: list[np.ndarray | None] = [None] * len(jobs)
+    by_length: dict[int, list[int]] = {}
+    for i, (_, window) in enumerate(jobs):
+        by_length.setdefault(window.frames, []).append(i)
+    device = next(snac.parameters()).device
+    for indices in by_length.values():
+        t0 = time.perf_counter()
+        codes = [frames_to_codes(jobs[i][0].frames[jobs[i][1].start:jobs[i][1].end], device) for i in indices]
+        audio = snac.decode([torch.cat(level) for level in zip(*codes)])
+        share = (time.perf_counter() - t0) / len(indices)
+        for row, i in enumerate(indices):
+            decoder, window = jobs[i]
+            out[i] = decoder.accept(window, audio[row, 0], share)
+    return out  # type: ignore[return-value]
 
 
 def _ema(previous: float | None, value: float, alpha: float = 0.3) -> float:

@@ -2,9 +2,11 @@
 
 The path of one sentence: prompt -> TokenStream (Orpheus, one token per step) ->
 FrameAssembler (7 codes a frame) -> StreamingSNACDecoder -> int16 chunks.
-All model work runs on one device thread, one step at a time, so the event loop never
-waits on a model and steps of concurrent requests interleave. Generation is pulled by
-the consumer: one that stops iterating stops it, and its KV cache is freed at once.
+All model work runs on one device thread, so the event loop never waits on a model.
+With a `SpeechBatcher` (engine.mode = "batched", agent/engine.py) every sentence being
+spoken joins one decode step shared by all calls; without one ("single") each stream
+runs its own steps, pulled by its consumer. Either way a consumer that stops iterating
+stops its stream, and its KV cache (or cache slot) is freed at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from .config import Settings
 from .errors import AudioGenerationError, InputError
 from .memory import GPUMemoryManager
-from .models import DeviceThread
+from .engine import BatchedStream, DeviceThread, SpeechBatcher
 from .monitor import PerformanceMonitor, RequestMetrics
 from .orpheus import FRAME_TOKENS, FrameAssembler, OrpheusDirectModel, SamplingParams, TokenStream
 from .snac_codec import StreamingSNACDecoder, to_int16
@@ -74,6 +76,11 @@ class SpeechStream:
         self.done = False
         self.first_token_at: float | None = None  # perf_counter time of the first token
 
+    @property
+    def position(self) -> int:
+        """Audio tokens generated so far."""
+        return self.tokens.position
+
     def step(self) -> np.ndarray | None:
         """One decode step; returns new audio, if a SNAC window was decoded."""
         token = self.tokens.step()
@@ -105,13 +112,15 @@ class TTSServiceDirect:
     def __init__(self, orpheus: OrpheusDirectModel, snac, settings: Settings,
                  monitor: PerformanceMonitor | None = None,
                  memory: GPUMemoryManager | None = None,
-                 device_thread: "DeviceThread | None" = None) -> None:
+                 device_thread: "DeviceThread | None" = None,
+                 batcher: SpeechBatcher | None = None) -> None:
         self.orpheus = orpheus
         self.snac = snac
         self.settings = settings
         self.monitor = monitor or PerformanceMonitor(settings.monitor)
         self.memory = memory
-        self.active: set[SpeechStream] = set()
+        self.batcher = batcher
+        self.active: set[SpeechStream | BatchedStream] = set()
         # Every model call runs on the device thread (shared with Voxtral when given).
         self._owns_thread = device_thread is None
         self.device_thread = device_thread or DeviceThread()
@@ -187,10 +196,14 @@ class TTSServiceDirect:
         o = self.settings.orpheus
         params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, o.max_tokens)
         # Tokenizing the prompt is model work too: it runs on the device thread.
-        stream = await self.device_thread.run(self.open_stream, sentence, voice, seed, params)
+        stream = await self.device_thread.run(self.open_stream, sentence, voice, seed, params,
+                                              asyncio.get_running_loop())
         try:
             while not stream.done:
-                audio = await self.device_thread.run(stream.advance)
+                if isinstance(stream, BatchedStream):
+                    audio = await stream.next_audio()  # the batcher pushes audio as it is made
+                else:
+                    audio = await self.device_thread.run(stream.advance)
                 now = time.perf_counter()
                 if m.first_token is None and stream.first_token_at is not None:
                     m.first_token = stream.first_token_at
@@ -202,12 +215,19 @@ class TTSServiceDirect:
             # Runs on completion, on an error, and when the consumer stops iterating.
             stream.close()
             self.active.discard(stream)
-            m.tokens += stream.tokens.position
+            m.tokens += stream.position
             m.snac_s += stream.decoder.decode_s
             m.invalid_tokens += stream.assembler.invalid_tokens
 
-    def open_stream(self, sentence: str, voice: str, seed: int, params: SamplingParams) -> SpeechStream:
+    def open_stream(self, sentence: str, voice: str, seed: int, params: SamplingParams,
+                    loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream | BatchedStream:
+        """Start speaking a sentence (on the device thread): a stream of the batcher when
+        there is one (its audio goes to `loop`), else a single stream."""
         prompt = self.orpheus.prompt_ids(voice, sentence)
+        if self.batcher is not None:
+            stream = self.batcher.admit(prompt, params, seed, loop)
+            self.active.add(stream)
+            return stream
         s = self.settings.snac
         decoder = StreamingSNACDecoder(self.snac, s.decoder_mode, s.max_frames_per_window)
         stream = SpeechStream(self.orpheus.stream(prompt, params, seed), decoder)
@@ -224,6 +244,7 @@ class TTSServiceDirect:
     def unload(self) -> None:
         """Close, then free the models and their memory (for the owner of the models)."""
         self.close()
+        self.batcher = None  # its static KV cache
         self.orpheus.unload()
         self.snac = None
         if self.memory is not None:

@@ -64,7 +64,7 @@ class TextStream(CachedGeneration):
         self.prompt_ids: list[int] = inputs["input_ids"][0].tolist()
         self.prompt_tokens = len(self.prompt_ids)
         self.eos_token_id = model.eos_token_id
-        self.generator = torch.Generator(device=model.device)
+        self.generator = torch.Generator()  # CPU: sample_index draws its uniforms there
         self.generator.manual_seed(seed)
         self.stopped_by_model = False  # True when the model chose EOS
         self.tokens = 0  # generated so far (EOS not counted)

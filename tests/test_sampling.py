@@ -8,7 +8,7 @@ from agent.orpheus import (AUDIO_BASE, CODEBOOK_SIZE, END_OF_SPEECH, VOCAB_SIZE,
 
 def make_sampler(params=SamplingParams(), seed=0):
     g = torch.Generator().manual_seed(seed)
-    return ConstrainedSampler(params, [1, 2, 3], torch.device("cpu"), g)
+    return ConstrainedSampler(params, g, torch.device("cpu"))
 
 
 def test_disallowed_ids_are_never_chosen_even_when_most_likely():
@@ -62,3 +62,33 @@ def test_generation_stays_aligned_and_is_repeatable(tts_models):
     assert all(token_to_code(t, i) is not None for i, t in enumerate(runs[0]))
     other = orpheus.stream(prompt, params, seed=8)
     assert [other.step() for _ in range(7)] != runs[0][:7]
+
+
+def test_sample_rows_matches_probabilities_and_top_p():
+    from agent.generation import sample_rows
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    one = torch.ones(1)
+    draws = [int(sample_rows(scores, one, one, torch.rand(1, generator=g))[0]) for _ in range(4000)]
+    freq = [draws.count(i) / len(draws) for i in range(4)]
+    assert all(abs(f - p) < 0.03 for f, p in zip(freq, [0.5, 0.3, 0.15, 0.05]))
+    # top_p 0.7 keeps the two most likely (0.5 + 0.3 reaches it), renormalised.
+    draws = [int(sample_rows(scores, one, torch.tensor([0.7]), torch.rand(1, generator=g))[0]) for _ in range(2000)]
+    assert set(draws) == {0, 1} and abs(draws.count(0) / 2000 - 0.625) < 0.04
+    assert int(sample_rows(scores, torch.zeros(1), one, torch.tensor([0.99]))[0]) == 0  # greedy
+
+
+def test_batched_sampling_gives_each_row_what_it_gets_alone():
+    from agent.orpheus import AUDIO_IDS, audio_block, sample_audio
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, VOCAB_SIZE, generator=g) * 3
+    positions = torch.tensor([0, 1, 6, 7, 13])
+    seen = torch.rand(5, AUDIO_IDS + 1, generator=g) < 0.3
+    t, p, rp = torch.full((5,), 0.6), torch.full((5,), 0.8), torch.full((5,), 1.1)
+    u = torch.rand(5, generator=g, dtype=torch.float64)
+    batched = sample_audio(audio_block(logits), positions, seen, t, p, rp, u)
+    alone = [int(sample_audio(audio_block(logits[i:i + 1]), positions[i:i + 1], seen[i:i + 1], t[:1], p[:1],
+                              rp[:1], u[i:i + 1])[0]) for i in range(5)]
+    assert batched.tolist() == alone

@@ -102,8 +102,8 @@ def inject_failures(service, should_fail):
     real_open = service.open_stream
     opened = []
 
-    def open_stream(sentence, voice, seed, params):
-        stream = real_open(sentence, voice, seed, params)
+    def open_stream(sentence, voice, seed, params, loop=None):
+        stream = real_open(sentence, voice, seed, params, loop)
         opened.append(voice)
         if should_fail(voice):
             def broken_step():

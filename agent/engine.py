@@ -1,0 +1,536 @@
+"""The inference engine: one thread owns the device and serves every call.
+
+`DeviceThread` runs model work off the event loop: jobs that callers queue (a Voxtral
+step, tokenizing a prompt) and, between them, the steps of `SpeechBatcher`, which
+advances every active speech stream together:
+
+    admit -> prefill (chunked) -> [decode step: one forward for all streams, sample
+    each with its own seed] -> frames of 7 codes -> SNAC windows, batched -> audio
+
+The decode step runs the Orpheus Llama with a static, preallocated KV cache (one slot
+per stream, `StaticLlama`), written out plainly in the manner of gpt-fast, and on CUDA
+replays captured graphs for a set of batch sizes and context lengths. Results go back
+to each call's event loop as they are made; the loop never waits on the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import AudioGenerationError
+from .orpheus import (AUDIO_BASE, AUDIO_IDS, END_OF_SPEECH, EOS_COLUMN, FrameAssembler, SamplingParams,
+                      column_to_token, sample_audio, stream_generator)
+from .generation import draw_uniform
+from .snac_codec import StreamingSNACDecoder, decode_batch
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class Stepper(Protocol):
+    """Work the device thread advances whenever no job is waiting."""
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> None: ...
+
+
+class DeviceThread:
+    """The one thread that runs model work, in order: queued jobs first, then one step of
+    each attached stepper, again and again; it sleeps when there is nothing to do.
+
+    `busy_s` adds up the time spent working, so callers can tell model time from their own
+    overhead."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._steppers: list[Stepper] = []
+        self._lock = threading.Lock()
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._loop, name="device", daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    def attach(self, stepper: Stepper) -> None:
+        self._steppers.append(stepper)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the device thread and return its result (or raise its error)."""
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        if self._stopped:
+            raise RuntimeError("the device thread has stopped")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, args, future))
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            idle = not any(s.has_work() for s in self._steppers)
+            try:
+                job = self._jobs.get(block=idle)
+            except queue.Empty:
+                job = None
+            while job is not None:
+                if job is _STOP:
+                    return
+                self._run_job(*job)
+                try:
+                    job = self._jobs.get_nowait()  # every job queued so far goes before the next step
+                except queue.Empty:
+                    job = None
+            for stepper in self._steppers:
+                if stepper.has_work():
+                    try:
+                        self._timed(stepper.step)
+                    except Exception:  # a stepper handles its own failures; never lose the thread
+                        log.exception("device step failed")
+
+    def _run_job(self, fn: Callable[..., Any], args: tuple, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up waiting
+        try:
+            future.set_result(self._timed(fn, *args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.busy_s += time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._jobs.put(_STOP)
+            self._thread.join()
+
+
+# -- the model step ---------------------------------------------------------------------
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+class StaticLlama:
+    """A transformers Llama run with a static KV cache of `slots` sequences of up to
+    `max_len` tokens: (layers, slots, kv_heads, max_len, head_dim) keys and values.
+
+    It reuses the model's own modules (norms, projections, MLP, rotary embedding) and
+    writes out only the attention over the cache. Logits are computed for the audio ids
+    and end_of_speech only (28,673 rows of the 156,940-row head), the only ids Orpheus's
+    sampler looks at. Position max_len - 1 is scratch: rows of the batch without a stream
+    write there, and no stream ever reads it.
+    """
+
+    LENGTH_STEP = 64  # eager steps attend over the longest context rounded up to this
+
+    def __init__(self, model: torch.nn.Module, slots: int, max_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.slots = slots
+        self.max_len = max_len
+        self.scratch = max_len - 1
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        weight = model.lm_head.weight
+        self.head = torch.cat([weight[AUDIO_BASE:AUDIO_BASE + AUDIO_IDS],
+                               weight[END_OF_SPEECH:END_OF_SPEECH + 1]]).contiguous()
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._rows = torch.arange(slots, device=self.device)
+        self._keys = torch.arange(max_len, device=self.device)
+
+    @staticmethod
+    def cache_bytes(config, slots: int, max_len: int, dtype: torch.dtype) -> int:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+        return per_token * slots * max_len * torch.finfo(dtype).bits // 8
+
+    def _blocks(self, h: torch.Tensor, positions: torch.Tensor, write: Callable, read: Callable,
+                mask: torch.Tensor) -> torch.Tensor:
+        """The decoder layers: h (B, T, hidden) at positions (B, T) -> the audio block logits
+        of each row's last position (B, 28,673)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        m = self.model.model
+        b, t, _ = h.shape
+        cos, sin = m.rotary_emb(h, positions)
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            write(i, k, v)
+            keys, values = read(i)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=True)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return m.norm(h[:, -1]) @ self.head.T
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """One token for each of the first B slots: tokens and positions (B,); keys are read
+        up to `length` (more than every real position). Returns (B, 28,673) logits."""
+        b = tokens.shape[0]
+        rows = self._rows[:b]
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.k[i][rows, :, positions] = k[:, :, 0]
+            self.v[i][rows, :, positions] = v[:, :, 0]
+
+        def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.k[i, :b, :, :length], self.v[i, :b, :, :length]
+
+        mask = (self._keys[:length][None, :] <= positions[:, None])[:, None, None, :]
+        h = self.model.model.embed_tokens(tokens)[:, None]
+        return self._blocks(h, positions[:, None], write, read, mask)
+
+    def prefill(self, slot: int, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Tokens (T,) of one sequence at positions start.. into `slot`; returns the last
+        position's audio block logits (28,673)."""
+        t = tokens.shape[0]
+        end = start + t
+        positions = torch.arange(start, end, device=self.device)
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.k[i, slot, :, start:end] = k[0]
+            self.v[i, slot, :, start:end] = v[0]
+
+        def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.k[i, slot:slot + 1, :, :end], self.v[i, slot:slot + 1, :, :end]
+
+        mask = (self._keys[:end][None, :] <= positions[:, None])[None, None]
+        h = self.model.model.embed_tokens(tokens)[None]
+        return self._blocks(h, positions[None], write, read, mask)[0]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache to another slot (to keep active slots packed low)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class GraphedDecode:
+    """CUDA graphs of StaticLlama.decode for each (batch size, context length) bucket.
+
+    A step copies its tokens and positions into static buffers and replays the graph of the
+    smallest bucket that holds it, which removes the per-kernel launch cost that dominates
+    a small-batch decode step. Not yet run on a GPU by the project's tests (no GPU in CI):
+    capture failures fall back to eager steps with a warning.
+    """
+
+    def __init__(self, llama: StaticLlama, batch_sizes: Sequence[int], lengths: Sequence[int]) -> None:
+        self.llama = llama
+        self.batch_sizes = sorted(b for b in set(batch_sizes) if b <= llama.slots)
+        self.lengths = sorted(n for n in set(lengths) if n <= llama.max_len)
+        self._tokens = torch.zeros(llama.slots, dtype=torch.long, device=llama.device)
+        self._positions = torch.full((llama.slots,), llama.scratch, dtype=torch.long, device=llama.device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        t0 = time.perf_counter()
+        for length in self.lengths:
+            for b in reversed(self.batch_sizes):  # largest first: later graphs reuse its memory
+                self._graphs[(b, length)] = self._capture(b, length, pool)
+        log.info("captured %d decode graphs (batch %s x context %s) in %.1f s", len(self._graphs),
+                 self.batch_sizes, self.lengths, time.perf_counter() - t0)
+
+    def _capture(self, b: int, length: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        tokens, positions = self._tokens[:b], self._positions[:b]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: allocator and kernel selection settle outside the graph
+                self.llama.decode(tokens, positions, length)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.llama.decode(tokens, positions, length)
+        return graph, out
+
+    def bucket(self, b: int, length: int) -> tuple[int, int] | None:
+        bb = next((x for x in self.batch_sizes if x >= b), None)
+        ll = next((x for x in self.lengths if x >= length), None)
+        return None if bb is None or ll is None else (bb, ll)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        b = tokens.shape[0]
+        key = self.bucket(b, length)
+        if key is None:
+            return self.llama.decode(tokens, positions, _round_up(length, StaticLlama.LENGTH_STEP))
+        graph, out = self._graphs[key]
+        self._tokens[:b].copy_(tokens)
+        self._positions[:b].copy_(positions)
+        self._tokens[b:key[0]].zero_()
+        self._positions[b:key[0]].fill_(self.llama.scratch)
+        graph.replay()
+        return out[:b]
+
+
+# -- speech streams -------------------------------------------------------------------------
+
+class BatchedStream:
+    """One sentence being spoken by the batcher. The device thread fills it; the event
+    loop reads its audio with next_audio() and stops it with close()."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, decoder: StreamingSNACDecoder,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.generator = stream_generator(seed)
+        self.decoder = decoder
+        self.assembler = FrameAssembler()
+        self.loop = loop
+        self.tokens: list[int] = []  # audio tokens so far (end_of_speech not included)
+        self.max_tokens = params.max_tokens
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.next_token: int | None = None  # the input of the next decode step
+        self.first_token_at: float | None = None
+        self.cancelled = False  # set by the event loop; the device thread drops it at the next step
+        self.finished = False  # device side: no more audio will come
+        self.done = False  # event-loop side: everything was read
+        self._out: asyncio.Queue = asyncio.Queue()
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the cache once the pending input is written."""
+        return len(self.prompt_ids) + len(self.tokens)
+
+    def _deliver(self, item: Any) -> None:
+        if not self.cancelled:
+            self.loop.call_soon_threadsafe(self._out.put_nowait, item)
+
+    async def next_audio(self) -> np.ndarray | None:
+        """The next chunk of float32 audio, or None at the end (then `done` is set)."""
+        item = await self._out.get()
+        if item is None:
+            self.done = True
+            return None
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop: the stream leaves the batch at the next step and its slot is freed."""
+        self.cancelled = True
+        self.done = True
+
+
+class SpeechBatcher:
+    """Continuous batching of Orpheus decoding, stepped by the device thread.
+
+    Each step: drop cancelled streams, prefill waiting streams (at most `prefill_chunk`
+    prompt tokens, so running streams never stall long), one decode step for every stream
+    with its cache ready, then the SNAC windows that became due, decoded together. While a
+    new stream waits for its first audio, streams more than `defer_lead_s` ahead of their
+    listeners put off their windows, so the first audio of a new reply comes first.
+    """
+
+    def __init__(self, orpheus, snac, max_streams: int, max_seq_len: int, prefill_chunk: int,
+                 defer_lead_s: float, snac_mode: str, max_frames_per_window: int, cuda_graphs: bool) -> None:
+        self.orpheus = orpheus
+        self.snac = snac
+        self.llama = StaticLlama(orpheus.model, max_streams, max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        self.defer_lead_s = defer_lead_s
+        self.snac_mode = snac_mode
+        self.max_frames_per_window = max_frames_per_window
+        self.graphs: GraphedDecode | None = None
+        if cuda_graphs and self.llama.device.type == "cuda":
+            try:
+                with torch.inference_mode():
+                    self.graphs = GraphedDecode(self.llama, [1, 2, 4, 8, 16, 32, 48, 64, 96, 128],
+                                                [256, 512, 1024, 2048, 4096])
+            except Exception as e:  # a driver or kernel that cannot be captured: run eager
+                log.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
+        self.slots: list[BatchedStream | None] = [None] * max_streams
+        self.waiting: deque[BatchedStream] = deque()  # admitted, no slot yet
+        self.seen = torch.zeros(max_streams, AUDIO_IDS + 1, dtype=torch.bool, device=self.llama.device)
+        self.steps = 0
+        self.step_batch_sizes: list[int] = []  # rows per decode step (bench)
+
+    # -- called on the device thread --------------------------------------------------
+
+    def admit(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+              loop: asyncio.AbstractEventLoop) -> BatchedStream:
+        decoder = StreamingSNACDecoder(self.snac, self.snac_mode, self.max_frames_per_window)
+        stream = BatchedStream(prompt_ids, params, seed, decoder, loop)
+        room = self.llama.scratch - len(prompt_ids)
+        if room < 1:
+            raise AudioGenerationError(f"prompt of {len(prompt_ids)} tokens does not fit engine.max_seq_len")
+        stream.max_tokens = min(params.max_tokens, room)
+        self.waiting.append(stream)
+        return stream
+
+    @property
+    def active(self) -> list[BatchedStream]:
+        return [s for s in self.slots if s is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._assign_slots()
+        try:
+            due = self._prefill()
+            due += self._decode()
+            self._decode_audio(due)
+        except Exception as e:  # a device failure fails the streams of this step, not the engine
+            log.exception("batched speech step failed")
+            for stream in self.active:
+                stream._deliver(AudioGenerationError(f"speech step failed: {e}"))
+                self._release(stream)
+        self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        for stream in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(stream)
+        for stream in self.active:
+            if stream.cancelled:
+                self._release(stream)
+
+    def _assign_slots(self) -> None:
+        while self.waiting and None in self.slots:
+            stream = self.waiting.popleft()
+            stream.slot = self.slots.index(None)
+            self.slots[stream.slot] = stream
+            self.seen[stream.slot] = False
+
+    def _release(self, stream: BatchedStream) -> None:
+        stream.finished = True
+        if stream.slot is None:
+            return
+        self.slots[stream.slot] = None
+        stream.slot = None
+        self._pack()
+
+    def _pack(self) -> None:
+        """Move the highest streams into free lower slots, so decode steps stay small."""
+        while True:
+            free = next((i for i, s in enumerate(self.slots) if s is None), None)
+            last = max((i for i, s in enumerate(self.slots) if s is not None), default=None)
+            if free is None or last is None or last < free:
+                return
+            stream = self.slots[last]
+            self.llama.move(last, free, stream.context_len)
+            self.seen[free] = self.seen[last]
+            self.slots[free], self.slots[last] = stream, None
+            stream.slot = free
+
+    def _prefill(self) -> list[BatchedStream]:
+        """Feed waiting prompts into the cache, up to prefill_chunk tokens this step.
+        Returns the streams whose first token was sampled."""
+        budget = self.prefill_chunk
+        started = []
+        for stream in self.active:
+            if budget <= 0:
+                break
+            if stream.next_token is not None or stream.finished:
+                continue
+            todo = stream.prompt_ids[stream.prefilled:stream.prefilled + budget]
+            tokens = torch.tensor(todo, device=self.llama.device)
+            block = self.llama.prefill(stream.slot, tokens, stream.prefilled)
+            stream.prefilled += len(todo)
+            budget -= len(todo)
+            if stream.prefilled == len(stream.prompt_ids):
+                self._sample([stream], block[None])
+                started.append(stream)
+        return started
+
+    def _decode(self) -> list[BatchedStream]:
+        """One decode step for every stream whose prompt is in the cache."""
+        rows = [s for s in self.active if s.next_token is not None and not s.finished]
+        if not rows:
+            return []
+        b = max(s.slot for s in rows) + 1
+        tokens = torch.zeros(b, dtype=torch.long)
+        positions = torch.full((b,), self.llama.scratch, dtype=torch.long)
+        for s in rows:
+            tokens[s.slot] = s.next_token
+            positions[s.slot] = s.context_len - 1
+        length = max(s.context_len for s in rows)
+        tokens, positions = tokens.to(self.llama.device), positions.to(self.llama.device)
+        if self.graphs is not None:
+            block = self.graphs.decode(tokens, positions, length)
+        else:
+            block = self.llama.decode(tokens, positions, _round_up(length, StaticLlama.LENGTH_STEP))
+        self.step_batch_sizes.append(len(rows))
+        index = torch.tensor([s.slot for s in rows], device=block.device)
+        self._sample(rows, block.index_select(0, index))
+        return rows
+
+    def _sample(self, streams: list[BatchedStream], block: torch.Tensor) -> None:
+        """Sample one token per stream from its logits block and feed its frame assembler."""
+        device = block.device
+        slots = torch.tensor([s.slot for s in streams], device=device)
+        params = [s.params for s in streams]
+        columns = sample_audio(
+            block, torch.tensor([s.position for s in streams], device=device), self.seen.index_select(0, slots),
+            torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device),
+            torch.tensor([p.repetition_penalty for p in params], device=device),
+            torch.tensor([draw_uniform(s.generator) for s in streams], dtype=torch.float64))
+        self.seen[slots, columns] = True
+        now = time.perf_counter()
+        for stream, column in zip(streams, columns.tolist()):
+            token = column_to_token(column)
+            if column == EOS_COLUMN:
+                stream.finished = True
+                continue
+            stream.first_token_at = stream.first_token_at or now
+            stream.tokens.append(token)
+            stream.next_token = token
+            frame = stream.assembler.push(token)
+            if frame is not None:
+                stream.decoder.add(frame)
+            if stream.position >= stream.max_tokens:
+                stream.finished = True
+
+    def _decode_audio(self, streams: list[BatchedStream]) -> None:
+        """Decode the SNAC windows now due, first audio before streams far ahead."""
+        windows = []
+        for stream in streams:
+            if stream.finished or stream.assembler.partial_tokens == 0:
+                window = stream.decoder.next_window(final=stream.finished)
+                if window is not None:
+                    windows.append((stream, window))
+        if any(s.decoder.emitted == 0 and not s.finished for s in self.active):  # a new stream warms up
+            windows = [(s, w) for s, w in windows
+                       if s.finished or s.decoder.emitted == 0 or s.decoder.lead_s <= self.defer_lead_s]
+        audio = decode_batch(self.snac, [(s.decoder, w) for s, w in windows]) if windows else []
+        for (stream, _), chunk in zip(windows, audio):
+            if len(chunk):
+                stream._deliver(chunk)
+        for stream in streams:
+            if stream.assembler.partial_tokens == 0:
+                stream.decoder.mark_done()
+            if stream.finished:
+                stream._deliver(None)
+                self._release(stream)

@@ -1,0 +1,195 @@
+"""The batched speech engine on the tiny profile: the static-cache Llama step against
+transformers, the same tokens batched as alone, joining and leaving, cancellation,
+chunked prefill, batched SNAC, and first-audio priority."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from agent.errors import AudioGenerationError
+from agent.engine import DeviceThread, SpeechBatcher, StaticLlama
+from agent.orpheus import SamplingParams, audio_block, tokens_to_frames
+from agent.snac_codec import FRAME_SAMPLES, decode_frames, rel_l2
+
+TEXTS = ["Hello there, how are you today?", "Fine.", "A third sentence, somewhat longer than the others are.",
+         "Four."]
+
+
+def make_batcher(tts_models, max_streams=4, prefill_chunk=256, defer_lead_s=1.0, max_frames_per_window=16):
+    orpheus, snac, _ = tts_models
+    return SpeechBatcher(orpheus, snac, max_streams, 512, prefill_chunk, defer_lead_s, "default",
+                         max_frames_per_window, cuda_graphs=False)
+
+
+def single_tokens(orpheus, text: str, params: SamplingParams, seed: int) -> list[int]:
+    stream = orpheus.stream(orpheus.prompt_ids("tara", text), params, seed)
+    tokens = []
+    while (t := stream.step()) is not None:
+        tokens.append(t)
+    return tokens
+
+
+async def run_until_done(batcher, streams, max_steps=2000):
+    """Step the batcher by hand, collecting each stream's audio chunks."""
+    audio = {id(s): [] for s in streams}
+    for _ in range(max_steps):
+        if not batcher.has_work():
+            break
+        batcher.step()
+        await asyncio.sleep(0)  # deliveries land on this loop
+    for s in streams:
+        while not s.done:
+            chunk = await asyncio.wait_for(s.next_audio(), 5)
+            if chunk is not None:
+                audio[id(s)].append(chunk)
+    return audio
+
+
+@torch.inference_mode()
+def test_static_llama_step_matches_transformers(tts_models):
+    orpheus = tts_models[0]
+    llama = StaticLlama(orpheus.model, slots=3, max_len=128)
+    prompt = torch.tensor(orpheus.prompt_ids("tara", "Check the cache."))
+    hf = orpheus.model(input_ids=prompt[None], use_cache=True)
+    ours = llama.prefill(2, prompt, 0)
+    assert torch.allclose(ours, audio_block(hf.logits[0, -1]), atol=1e-4)
+    # One decode step for slot 2 (slots 0 and 1 idle) against transformers with its cache.
+    token = 128266 + 17
+    hf2 = orpheus.model(input_ids=torch.tensor([[token]]), past_key_values=hf.past_key_values, use_cache=True)
+    tokens = torch.tensor([0, 0, token])
+    positions = torch.tensor([llama.scratch, llama.scratch, len(prompt)])
+    step = llama.decode(tokens, positions, 64)
+    assert torch.allclose(step[2], audio_block(hf2.logits[0, -1]), atol=1e-4)
+
+
+async def test_batched_streams_give_the_tokens_they_give_alone(tts_models):
+    """Streams join at different steps, one waits for a slot, prompts are fed in chunks,
+    and short streams leave early (the others move to lower slots): every stream still
+    samples exactly the tokens of the single-stream path with the same seed."""
+    orpheus = tts_models[0]
+    batcher = make_batcher(tts_models, max_streams=3, prefill_chunk=16)
+    loop = asyncio.get_running_loop()
+    plans = [(TEXTS[0], 140, 1), (TEXTS[1], 35, 2), (TEXTS[2], 91, 3), (TEXTS[3], 140, 4)]
+    streams = []
+    for i, (text, max_tokens, seed) in enumerate(plans):
+        params = SamplingParams(max_tokens=max_tokens)
+        streams.append(batcher.admit(orpheus.prompt_ids("tara", text), params, seed, loop))
+        for _ in range(5 * i):  # the next stream joins a few steps later
+            batcher.step()
+    assert len(batcher.waiting) == 1  # three slots, four streams
+    await run_until_done(batcher, streams)
+    assert max(batcher.step_batch_sizes) == 3
+    for stream, (text, max_tokens, seed) in zip(streams, plans):
+        assert stream.tokens == single_tokens(orpheus, text, SamplingParams(max_tokens=max_tokens), seed)
+    assert not batcher.has_work() and batcher.active == []
+
+
+async def test_batched_audio_is_every_frame_of_the_one_shot_decode(tts_models):
+    orpheus, snac, _ = tts_models
+    batcher = make_batcher(tts_models)
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(max_tokens=140)
+    streams = [batcher.admit(orpheus.prompt_ids("tara", t), params, i, loop) for i, t in enumerate(TEXTS[:3])]
+    audio = await run_until_done(batcher, streams)
+    for stream in streams:
+        out = np.concatenate(audio[id(stream)])
+        frames = tokens_to_frames(stream.tokens)
+        assert len(out) == len(frames) * FRAME_SAMPLES  # nothing lost, nothing repeated
+        assert rel_l2(out, decode_frames(snac, frames)) < 5e-3
+
+
+async def test_cancelled_stream_leaves_within_one_step(tts_models):
+    orpheus = tts_models[0]
+    batcher = make_batcher(tts_models)
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(max_tokens=140)
+    keep, cancel = (batcher.admit(orpheus.prompt_ids("tara", t), params, i, loop) for i, t in enumerate(TEXTS[:2]))
+    for _ in range(10):
+        batcher.step()
+    assert len(batcher.active) == 2
+    made = len(cancel.tokens)
+    cancel.close()
+    batcher.step()
+    assert batcher.active == [keep] and keep.slot == 0
+    assert cancel.slot is None and len(cancel.tokens) == made  # no token after the close
+    await run_until_done(batcher, [keep])
+    assert keep.tokens == single_tokens(orpheus, TEXTS[0], params, 0)
+
+
+async def test_new_stream_first_audio_goes_before_streams_ahead(tts_models):
+    """A stream far ahead of its listener puts off its SNAC windows while a new stream
+    waits for its first audio, and takes them up again afterwards."""
+    orpheus = tts_models[0]
+    batcher = make_batcher(tts_models, defer_lead_s=1.0, max_frames_per_window=1)  # a window every frame
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(max_tokens=140)
+    ahead = batcher.admit(orpheus.prompt_ids("tara", TEXTS[0]), params, 0, loop)
+    while ahead.decoder.emitted < 3:  # from here on, each new frame makes a window due
+        batcher.step()
+    ahead.decoder.clock = lambda: 0.0  # its listener is far behind: a lead of "forever"
+    assert ahead.decoder.lead_s > 1.0
+    new = batcher.admit(orpheus.prompt_ids("tara", TEXTS[2]), params, 1, loop)
+    frames_before = len(ahead.decoder.frames)
+    emitted_before = ahead.decoder.emitted
+    while new.decoder.emitted == 0:
+        batcher.step()
+    assert len(ahead.decoder.frames) > frames_before  # it kept generating...
+    assert ahead.decoder.emitted == emitted_before  # ...but decoded nothing meanwhile
+    while ahead.decoder.emitted == emitted_before:
+        batcher.step()  # and catches up once the new stream is heard
+    ahead.close()
+    await run_until_done(batcher, [new])
+
+
+async def test_device_thread_runs_jobs_between_steps(tts_models):
+    """Jobs queued while streams are active run before the next step; the streams finish."""
+    orpheus = tts_models[0]
+    thread = DeviceThread()
+    batcher = make_batcher(tts_models)
+    thread.attach(batcher)
+    try:
+        loop = asyncio.get_running_loop()
+        params = SamplingParams(max_tokens=70)
+        stream = await thread.run(batcher.admit, orpheus.prompt_ids("tara", TEXTS[0]), params, 5, loop)
+        steps_seen = []
+        for _ in range(3):
+            steps_seen.append(await thread.run(lambda: batcher.steps))
+        chunks = []
+        while not stream.done:
+            chunk = await stream.next_audio()
+            if chunk is not None:
+                chunks.append(chunk)
+        assert steps_seen == sorted(steps_seen) and steps_seen[-1] > 0
+        assert sum(len(c) for c in chunks) == 70 // 7 * FRAME_SAMPLES
+        assert stream.tokens == single_tokens(orpheus, TEXTS[0], params, 5)
+        with pytest.raises(ZeroDivisionError):
+            await thread.run(lambda: 1 / 0)  # a failing job fails its caller only
+        assert await thread.run(lambda: 7) == 7
+    finally:
+        thread.shutdown()
+
+
+async def test_a_failing_step_fails_its_streams_not_the_engine(tts_models):
+    orpheus = tts_models[0]
+    batcher = make_batcher(tts_models)
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(max_tokens=70)
+    doomed = batcher.admit(orpheus.prompt_ids("tara", TEXTS[0]), params, 0, loop)
+    batcher.step()
+    real_decode = batcher.llama.decode
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    batcher.llama.decode = broken
+    batcher.step()
+    batcher.llama.decode = real_decode
+    await asyncio.sleep(0)
+    with pytest.raises(AudioGenerationError, match="illegal memory access"):
+        while not doomed.done:
+            await doomed.next_audio()
+    assert batcher.active == []
+    fine = batcher.admit(orpheus.prompt_ids("tara", TEXTS[1]), params, 1, loop)
+    await run_until_done(batcher, [fine])
+    assert fine.tokens == single_tokens(orpheus, TEXTS[1], params, 1)
