@@ -105,3 +105,207 @@ def bench_pipeline(settings, input_path: str | None = None) -> dict:
     return {"profile": settings.profile, "device": str(models.device), "torch": torch.__version__,
             "turns": len(result.turns), "latency_ms": summarize_turns(latencies),
             "per_turn_ms": latencies}
+
+
+# -- the speech engine (voice-agent bench tts | streams) -----------------------------------
+
+REAL_TIME_TOKENS_PER_S = 24000 / FRAME_SAMPLES * 7  # 82.0: one frame per 85.3 ms
+BENCH_TEXT = "Thanks for calling! How can I help you today? I can check an order, or book a visit."
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+class _TokenTimes:
+    """A transformers streamer that notes when each generate step's tokens arrive."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:  # the first call carries the prompt
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _snac_first_window_s(snac) -> float:
+    """One decode of 4 frames: what the reference server runs before its first audio."""
+    frames = np.random.default_rng(0).integers(0, 4096, size=(4, 7)).tolist()
+    decode_frames(snac, frames)  # warm-up
+    t0 = time.perf_counter()
+    decode_frames(snac, frames)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def _generate(orpheus, prompts: list[list[int]], tokens: int, params, snac_first_s: float) -> dict:
+    """transformers' plain generate (dynamic cache, its own sampling processors), a batch of
+    prompts left-padded together; first audio as the reference server gets it (28 tokens,
+    then one SNAC window)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=orpheus.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=orpheus.device)
+    timer = _TokenTimes()
+    t0 = time.perf_counter()
+    orpheus.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature,
+                           top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+                           max_new_tokens=tokens, min_new_tokens=tokens, streamer=timer, pad_token_id=0)
+    times = timer.times
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    first_audio = (times[27] - t0 + snac_first_s) * 1000 if len(times) >= 28 else None
+    return {"streams": len(prompts), "tokens_per_s_per_stream": round(rate, 1),
+            "ttfa_ms": None if first_audio is None else round(first_audio, 1)}
+
+
+async def _speak(tts, text: str, seed: int, stop_after_first_audio: bool = False):
+    """One request through the TTS service; returns its RequestMetrics."""
+    m = tts.monitor.start(tts.settings.tts.default_voice, text)
+    agen = tts.synthesize(text, seed=seed, metrics=m)
+    try:
+        async for _ in agen:
+            if stop_after_first_audio:
+                break
+    finally:
+        await agen.aclose()
+    m.end = m.end or time.perf_counter()
+    return m
+
+
+def _decode_rate(m) -> float:
+    span = (m.end or 0.0) - (m.first_token or 0.0)
+    return (m.tokens - 1) / span if m.first_token and span > 0 and m.tokens > 1 else 0.0
+
+
+def _load_speech(settings, tokens: int):
+    from .models import UnifiedModelManager
+
+    settings = settings.replace("orpheus", max_tokens=tokens)
+    models = UnifiedModelManager(settings)
+    models.load(listen=False)
+    return settings, models
+
+
+def _environment(models) -> dict:
+    import transformers
+
+    device = models.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"profile": models.settings.profile, "device": str(device), "device_name": name,
+            "dtype": str(models.dtype).removeprefix("torch."), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cuda_graphs": bool(
+                models.tts.batcher is not None and models.tts.batcher.graphs is not None)}
+
+
+def bench_tts(settings, runs: int = 5, tokens: int = 700) -> dict:
+    """One stream, side by side: transformers' generate, the single-stream path, and the
+    batched engine: decode tokens/s and time to first audio (text in -> first audio out)."""
+    from .tts import TTSServiceDirect
+
+    settings, models = _load_speech(settings, tokens)
+    try:
+        tts = models.tts
+        single = TTSServiceDirect(tts.orpheus, tts.snac, settings, device_thread=models.device_thread)
+        o = settings.orpheus
+        from .orpheus import SamplingParams
+        params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, tokens)
+        prompt = tts.orpheus.prompt_ids(settings.tts.default_voice, BENCH_TEXT)
+        snac_first_s = _snac_first_window_s(tts.snac)
+        result: dict = {**_environment(models), "tokens": tokens, "runs": runs,
+                        "text_tokens": len(prompt), "real_time_tokens_per_s": round(REAL_TIME_TOKENS_PER_S, 1)}
+        gen = [_generate(tts.orpheus, [prompt], tokens, params, snac_first_s) for _ in range(runs + 1)][1:]
+        result["generate"] = {
+            "tokens_per_s": _pct([g["tokens_per_s_per_stream"] for g in gen], 50),
+            "ttfa_ms_p50": _pct([g["ttfa_ms"] for g in gen if g["ttfa_ms"] is not None], 50),
+            "ttfa_ms_p95": _pct([g["ttfa_ms"] for g in gen if g["ttfa_ms"] is not None], 95)}
+
+        async def variant(service) -> dict:
+            ms = [await _speak(service, BENCH_TEXT.split("!")[0] + "!", seed=i) for i in range(runs + 1)][1:]
+            return {"tokens_per_s": _pct([_decode_rate(m) for m in ms], 50),
+                    "ttfa_ms_p50": _pct([m.ttfa_ms for m in ms], 50), "ttfa_ms_p95": _pct([m.ttfa_ms for m in ms], 95),
+                    "ttft_ms_p50": _pct([m.ttft_ms for m in ms], 50), "tokens_each": ms[-1].tokens}
+
+        result["single"] = asyncio.run(variant(single))
+        if tts.batcher is not None:
+            result["engine"] = asyncio.run(variant(tts))
+            result["engine_vs_generate_tokens_per_s"] = round(
+                result["engine"]["tokens_per_s"] / max(result["generate"]["tokens_per_s"], 1e-9), 2)
+        return result
+    finally:
+        models.unload()
+
+
+async def _loop_lag(samples: list[float], period: float = 0.01) -> None:
+    """Record how late the event loop wakes a 10 ms timer (it must never wait on the GPU)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(period)
+        samples.append((loop.time() - t - period) * 1000)
+
+
+async def _engine_level(tts, n: int, probes: int) -> dict:
+    """n streams speaking at once; then `probes` new replies, one after another, each
+    measured to its first audio while the n streams go on."""
+    lag: list[float] = []
+    ticker = asyncio.create_task(_loop_lag(lag))
+    load = [asyncio.create_task(_speak(tts, BENCH_TEXT, seed=i)) for i in range(n)]
+    try:
+        while any(t.done() for t in load) is False and tts.batcher is not None and \
+                sum(1 for s in tts.batcher.active if s.decoder.emitted) < n:
+            await asyncio.sleep(0.005)
+        probe_ms = []
+        for i in range(probes):
+            if all(t.done() for t in load):
+                break
+            probe_ms.append((await _speak(tts, "Sure, one moment.", seed=1000 + i, stop_after_first_audio=True)).ttfa_ms)
+        ms = await asyncio.gather(*load)
+    finally:
+        ticker.cancel()
+    rates = [_decode_rate(m) for m in ms]
+    return {"streams": n, "min_tokens_per_s": round(min(rates), 1), "p50_tokens_per_s": _pct(rates, 50),
+            "burst_ttfa_ms_p50": _pct([m.ttfa_ms for m in ms], 50), "burst_ttfa_ms_p95": _pct([m.ttfa_ms for m in ms], 95),
+            "probe_ttfa_ms_p50": _pct(probe_ms, 50), "probe_ttfa_ms_p95": _pct(probe_ms, 95),
+            "loop_lag_ms_p99": _pct(lag, 99), "loop_lag_ms_max": round(max(lag), 2) if lag else None,
+            "real_time": min(rates) >= REAL_TIME_TOKENS_PER_S}
+
+
+def bench_streams(settings, levels: list[int] | None = None, tokens: int = 700, probes: int = 5) -> dict:
+    """Concurrent streams, side by side: transformers' generate with all prompts in one
+    batch, and the engine with n streams plus new replies arriving meanwhile. Stops at the
+    first level where a stream falls below real time (82 tokens/s)."""
+    settings, models = _load_speech(settings, tokens)
+    try:
+        tts = models.tts
+        top = settings.engine.max_streams - 1  # one slot stays free for the probes
+        levels = sorted(n for n in (levels or [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]) if 1 <= n <= top)
+        from .orpheus import SamplingParams
+        o = settings.orpheus
+        params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, tokens)
+        prompt = tts.orpheus.prompt_ids(settings.tts.default_voice, BENCH_TEXT)
+        snac_first_s = _snac_first_window_s(tts.snac)
+        result: dict = {**_environment(models), "tokens": tokens, "probes": probes,
+                        "real_time_tokens_per_s": round(REAL_TIME_TOKENS_PER_S, 1), "generate": [], "engine": []}
+        _generate(tts.orpheus, [prompt], 14, params, snac_first_s)  # warm-up
+        for n in levels:
+            g = _generate(tts.orpheus, [prompt] * n, tokens, params, snac_first_s)
+            g["real_time"] = g["tokens_per_s_per_stream"] >= REAL_TIME_TOKENS_PER_S
+            result["generate"].append(g)
+            if not g["real_time"]:
+                break
+        asyncio.run(_engine_level(tts, 1, 1))  # warm-up
+        for n in levels:
+            level = asyncio.run(_engine_level(tts, n, probes))
+            result["engine"].append(level)
+            if not level["real_time"]:
+                break
+        for name in ("generate", "engine"):
+            ok = [lv["streams"] for lv in result[name] if lv["real_time"]]
+            result[f"{name}_real_time_streams"] = max(ok, default=0)
+        return result
+    finally:
+        models.unload()

@@ -203,12 +203,19 @@ class OrpheusDirectModel(InProcessModel):
         """Load from a Hub id or a local directory. `check_memory(name, bytes)` may refuse."""
         from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
+        from . import tiny
+
         try:
-            config = AutoConfig.from_pretrained(source)
+            random_3b = source == tiny.RANDOM_ORPHEUS_3B
+            config = tiny.orpheus_3b_config() if random_3b else AutoConfig.from_pretrained(source)
             if check_memory is not None:
                 check_memory(f"Orpheus ({source})", estimate_llama_bytes(config, dtype))
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = LlamaForCausalLM.from_pretrained(source, dtype=dtype)
+            if random_3b:  # the real architecture with random weights: benchmarks, no download
+                tokenizer = tiny.build_orpheus_tokenizer()
+                model = tiny.random_llama(config, device, dtype)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = LlamaForCausalLM.from_pretrained(source, dtype=dtype)
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...

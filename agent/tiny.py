@@ -124,6 +124,45 @@ def _save_tiny_snac(path: Path) -> None:
     torch.save(model.state_dict(), path / "pytorch_model.bin")
 
 
+# --- Orpheus 3B with random weights (profile orpheus-3b-random) ------------------------
+
+RANDOM_ORPHEUS_3B = "random:orpheus-3b"
+
+
+def orpheus_3b_config():
+    """canopylabs/orpheus-3b-0.1-ft's architecture (Llama 3.2 3B with Orpheus's vocabulary)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=END_OF_SPEECH,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+
+
+def random_llama(config, device: torch.device, dtype: torch.dtype):
+    """A LlamaForCausalLM with random weights made directly on `device` in `dtype` (a 3B
+    model in seconds on a GPU; nothing is downloaded or written). Same compute as the
+    trained model; the audio is noise."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(WEIGHTS_SEED)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, config.initializer_range, generator=generator)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers were left on "meta"
+    return model
+
+
 # --- Voxtral (speech understanding) ---------------------------------------------------
 
 # Voxtral-Mini-3B-2507's tekken.json is a v7 Tekken file: the same 150,000-entry BPE as

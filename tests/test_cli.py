@@ -49,6 +49,9 @@ def test_say_streams_raw_pcm_to_stdout():
     (["say", "Hi", "-o", "-", "--json"], "cannot be used with -o -"),
     (["say", "Hi", "-o", "/nonexistent/dir/out.wav"], "cannot write"),
     (["bench", "snac", "--seconds", "0"], "must be positive"),
+    (["bench", "tts", "--tokens", "30"], "multiple of 7"),
+    (["bench", "streams", "--levels", "1,x"], "numbers separated by commas"),
+    (["bench", "streams", "--levels", "16"], "between 1 and engine.max_streams - 1 (15)"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
     p = run(*args, "--profile", "tiny") if "--profile" not in args else run(*args)
@@ -136,3 +139,15 @@ def test_bench_sip_json():
     result = json.loads(p.stdout.decode().strip().splitlines()[-1])
     assert len(result["reply_latency_ms"]["turns"]) == 1 and result["reply_latency_ms"]["p50"] > 0
     assert result["rtp_pacing_interval_error_ms"]["packets"] > 50 and result["codec"] == "PCMU"
+
+
+def test_bench_streams_json():
+    """The engine bench on the tiny profile: both variants measured, the figures sane."""
+    p = run("bench", "streams", "--profile", "tiny", "--levels", "1,2", "--tokens", "35", "--probes", "1", "--json")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    result = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    assert result["generate"][0]["streams"] == 1 and result["generate"][0]["tokens_per_s_per_stream"] > 0
+    first = result["engine"][0]
+    assert first["streams"] == 1 and first["min_tokens_per_s"] > 0 and first["probe_ttfa_ms_p50"] > 0
+    assert first["loop_lag_ms_p99"] is not None and result["dtype"] == "float32"
+    assert result["engine_real_time_streams"] in (0, 1, 2)
