@@ -26,7 +26,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import AudioGenerationError
 from .orpheus import (AUDIO_BASE, AUDIO_IDS, END_OF_SPEECH, EOS_COLUMN, FrameAssembler, SamplingParams,
@@ -183,8 +182,7 @@ class StaticLlama:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             write(i, k, v)
             keys, values = read(i)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                               enable_gqa=True)
+            o = _attend(q, keys, values, mask, attn.scaling)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return m.norm(h[:, -1]) @ self.head.T
@@ -228,6 +226,24 @@ class StaticLlama:
         """Copy a sequence's cache to another slot (to keep active slots packed low)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """Grouped-query attention over the cache: q (B, heads, T, d), keys and values
+    (B, kv_heads, L, d), mask (B, 1, T, L) of allowed keys -> (B, heads, T, d).
+
+    The query heads that share a key/value head are stacked into one matrix product, so
+    the cache is read once and never copied (repeating it per query head, as a generic
+    kernel does, would move heads / kv_heads times more memory at every step)."""
+    b, heads, t, d = q.shape
+    kv = keys.shape[1]
+    group = heads // kv
+    scores = (q.reshape(b, kv, group * t, d) @ keys.transpose(-1, -2)) * scale  # (B, kv, g*T, L)
+    scores = scores.view(b, kv, group, t, -1).masked_fill(~mask[:, :, None], -float("inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = weights.view(b, kv, group * t, -1) @ values  # (B, kv, g*T, d)
+    return out.view(b, heads, t, d)
 
 
 class GraphedDecode:
