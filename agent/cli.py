@@ -1,7 +1,8 @@
 """The `voice-agent` command.
 
 Exit status: 0 on success, 2 for bad input or settings (one line on stderr, no
-traceback), 1 when a model cannot be loaded or speech generation fails.
+traceback), 1 when a model cannot be loaded, speech generation fails or a call cannot be
+placed (rejected, not answered).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default: server.port)")
     serve.add_argument("--sip-port", type=int, help="SIP port; 0 turns SIP off (default: server.sip_port)")
 
+    call = sub.add_parser("call", parents=[common], help="place a SIP call (UDP) and let the agent talk on it")
+    call.add_argument("uri", metavar="sip:USER@HOST[:PORT]", help="who to call (port 5060 unless given)")
+    call.add_argument("--voice", help="the agent's voice (default: session.voice or tts.default_voice)")
+    call.add_argument("--max-seconds", type=float, metavar="S", help="hang up after S seconds of conversation")
+    call.add_argument("--local-host", metavar="H",
+                      help="this host's IP address to call from (default: the one the route to HOST uses)")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     snac = bench_sub.add_parser("snac", parents=[common], help="streaming SNAC decoder: baseline vs default mode")
@@ -71,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     sip = bench_sub.add_parser("sip", parents=[common], help="a loopback SIP call: RTP pacing, reply latency")
     sip.add_argument("--turns", type=int, default=4, help="questions asked (default 4)")
     sip.add_argument("--json", action="store_true", help="print one JSON line")
+    tts = bench_sub.add_parser("tts", parents=[common],
+                               help="one speech stream: transformers' generate vs the single path vs the engine")
+    tts.add_argument("--runs", type=int, default=5, help="requests per variant (default 5)")
+    tts.add_argument("--tokens", type=int, default=700, help="audio tokens per request, a multiple of 7 (default 700)")
+    tts.add_argument("--json", action="store_true", help="print one JSON line")
+    streams = bench_sub.add_parser("streams", parents=[common],
+                                   help="concurrent speech streams: the most that stay real time, and their first audio")
+    streams.add_argument("--levels", metavar="N,N,...", help="stream counts to try (default 1,2,4,...,max_streams-1)")
+    streams.add_argument("--tokens", type=int, default=700, help="audio tokens per sentence, a multiple of 7 (default 700)")
+    streams.add_argument("--probes", type=int, default=5, help="new replies timed at each level (default 5)")
+    streams.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -86,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, settings)
         if args.command == "serve":
             return cmd_serve(args, settings)
+        if args.command == "call":
+            return cmd_call(args, settings)
         if args.command == "bench" and args.bench == "snac":
             return cmd_bench_snac(args, settings)
         if args.command == "bench" and args.bench == "pipeline":
@@ -94,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_webrtc(args, settings)
         if args.command == "bench" and args.bench == "sip":
             return cmd_bench_sip(args, settings)
+        if args.command == "bench" and args.bench in ("tts", "streams"):
+            return cmd_bench_engine(args, settings)
     except (InputError, ConfigError) as e:
         print(f"voice-agent: error: {e}", file=sys.stderr)
         return 2
@@ -221,10 +245,65 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
+    from signaling.sip_client import call_out, check_local_host, local_address_for, parse_target
+
+    from .models import UnifiedModelManager
+
+    # Bad input fails before the models load.
+    uri, peer = parse_target(args.uri)
+    if (args.voice or settings.session.voice or settings.tts.default_voice) not in settings.tts.voices:
+        raise InputError(f"unknown voice {args.voice!r}; choose from: {', '.join(settings.tts.voices)}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise InputError(f"--max-seconds must be positive, got {args.max_seconds}")
+    local_host = check_local_host(args.local_host) if args.local_host else local_address_for(peer)
+
+    async def run() -> None:
+        stop = asyncio.Event()  # Ctrl-C or SIGTERM: hang up (or stop ringing) and exit
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await call_out(models, settings, uri, peer, local_host, voice=args.voice, max_seconds=args.max_seconds,
+                       stop=stop, say=lambda line: print(line, flush=True))
+
+    models = UnifiedModelManager(settings)
+    try:
+        models.load()
+        asyncio.run(run())
+    finally:
+        models.unload()
+    return 0
+
+
 def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
     from .bench import bench_pipeline
 
     print(json.dumps(bench_pipeline(settings, args.input)) if args.json else bench_pipeline(settings, args.input))
+    return 0
+
+
+def cmd_bench_engine(args: argparse.Namespace, settings: Settings) -> int:
+    """voice-agent bench tts | streams"""
+    from .bench import bench_streams, bench_tts
+
+    if args.tokens < 28 or args.tokens % 7:
+        raise InputError("--tokens must be a multiple of 7, at least 28 (the baseline's first audio)")
+    if args.bench == "tts":
+        if args.runs < 1:
+            raise InputError("--runs must be at least 1")
+        result = bench_tts(settings, args.runs, args.tokens)
+    else:
+        if settings.engine.mode != "batched":
+            raise InputError("bench streams measures the batched engine; set engine.mode = \"batched\"")
+        try:
+            levels = [int(n) for n in args.levels.split(",")] if args.levels else None
+        except ValueError:
+            raise InputError(f"--levels must be numbers separated by commas, got {args.levels!r}") from None
+        if levels is not None and not all(1 <= n < settings.engine.max_streams for n in levels):
+            raise InputError(f"--levels must be between 1 and engine.max_streams - 1 "
+                             f"({settings.engine.max_streams - 1}): a slot stays free for the new replies")
+        result = bench_streams(settings, levels, args.tokens, args.probes)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
 

@@ -13,6 +13,7 @@ import asyncio
 import fractions
 import logging
 import random
+import socket
 import struct
 import time
 from collections import deque
@@ -138,10 +139,14 @@ class RtpSession(asyncio.DatagramProtocol):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self, host: str, port: int = 0) -> int:
-        """Bind the local RTP port (0: any) and start ticking; returns the port."""
+    async def start(self, host: str | None = None, port: int = 0, sock: socket.socket | None = None) -> int:
+        """Bind the local RTP port (0: any), or take `sock`, bound already (an SDP offer
+        names its port before the answer names the codec), and start ticking; returns the port."""
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        if sock is not None:
+            await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        else:
+            await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
         self._task = asyncio.ensure_future(self._tick())
         return self.transport.get_extra_info("sockname")[1]
 
