@@ -8,7 +8,9 @@ A transport only calls push_audio() with what it receives and takes frames from
 `outbound` at its own pace (20 ms by default); `events` tells what happened. When the
 caller starts speaking while the agent is thinking or talking (barge-in), the turn is
 cancelled, which stops generation, and the queued audio is dropped at once; the
-conversation keeps only the part of the reply that was played.
+conversation keeps only the part of the reply that was played. On phone lines the
+agent's own voice comes back as echo: an EchoGuard (agent/echo.py) in front of the VAD,
+fed every frame played, keeps it from counting as the caller barging in.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from .audio import Resampler
 from .config import Settings
+from .echo import EchoGuard
 from .models import UnifiedModelManager
 from .vad import RATE as IN_RATE
 from .vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
@@ -72,7 +75,14 @@ class TurnFailed:
     error: str
 
 
-SessionEvent = CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | TurnFinished | TurnFailed
+@dataclass(frozen=True)
+class DtmfReceived:
+    digit: str  # 0-9, *, #, A-D
+    t: float
+
+
+SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | TurnFinished
+                | TurnFailed | DtmfReceived)
 
 
 # -- turns -------------------------------------------------------------------------
@@ -253,7 +263,9 @@ class CallSession:
 
     def __init__(self, models: UnifiedModelManager, settings: Settings | None = None,
                  clock: Callable[[], float] = time.monotonic, voice: str | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, echo_guard: bool = False) -> None:
+        """`echo_guard`: the transport brings the agent's own voice back (a phone line);
+        echo.guard = "auto" follows it, "on" / "off" override it."""
         self.models = models
         self.settings = settings or models.settings
         s = self.settings
@@ -261,7 +273,9 @@ class CallSession:
         self._t0 = clock()
         self.voice = models.tts.validate_voice(voice or s.session.voice or None)
         self.seed = seed if seed is not None else (s.tts.seed if s.tts.seed >= 0 else random.randrange(2**31))
-        self.vad = VADSegmenter(s.vad)
+        guard = s.echo.guard == "on" or (s.echo.guard == "auto" and echo_guard)
+        self.echo = EchoGuard(s.echo, IN_RATE * s.vad.frame_ms // 1000) if guard else None
+        self.vad = VADSegmenter(s.vad, frame_filter=self.echo.process if self.echo is not None else None)
         self.resampler = Resampler(IN_RATE)
         frame_samples = OUT_RATE * s.session.frame_ms // 1000
         max_frames = max(1, int(s.session.max_queued_s * 1000 / s.session.frame_ms))
@@ -300,7 +314,10 @@ class CallSession:
         """Caller audio as received (int16, any rate, interleaved channels). Never blocks."""
         if self.closed:
             return
-        for event in self.vad.push(self.resampler.push(samples, rate, channels)):
+        pcm = self.resampler.push(samples, rate, channels)
+        if self.echo is not None:
+            self.echo.received(len(pcm))
+        for event in self.vad.push(pcm):
             if isinstance(event, SpeechStarted):
                 self._emit(CallerSpeechStarted(event.start))
                 if self.agent_busy:
@@ -310,6 +327,14 @@ class CallSession:
                 self._start_turn(event)
             elif isinstance(event, SpeechDiscarded):
                 log.debug("ignored a short sound at %.2f s", event.start)
+
+    def push_dtmf(self, digit: str) -> bool:
+        """A key the caller pressed (RFC 4733 on phone lines), emitted as DtmfReceived.
+        Returns True for session.hangup_digit: the transport then ends the call."""
+        if self.closed:
+            return False
+        self._emit(DtmfReceived(digit, self.now()))
+        return digit == self.settings.session.hangup_digit
 
     def barge_in(self) -> None:
         """The caller talks over the agent: stop the turn and drop its queued audio now."""
@@ -415,6 +440,8 @@ class CallSession:
         self.outbound.finish()
 
     def _on_played(self, frame: OutFrame) -> None:
+        if self.echo is not None:
+            self.echo.play(frame.samples, OUT_RATE, self.now())  # what may come back as echo
         record = self.turns[frame.turn - 1] if 0 < frame.turn <= len(self.turns) else None
         if record is None:
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import webrtcvad
@@ -50,13 +51,17 @@ class SpeechDiscarded:
 
 
 VADEvent = SpeechStarted | Utterance | SpeechDiscarded
+# A per-frame stage before the decision: (frame) -> (the frame to use, whether it may be
+# speech at all). The echo guard (agent/echo.py) is one.
+FrameFilter = Callable[[np.ndarray], tuple[np.ndarray, bool]]
 
 
 class VADSegmenter:
     """Feed 16 kHz mono int16 audio with push(); get SpeechStarted / Utterance events."""
 
-    def __init__(self, settings: VADSettings) -> None:
+    def __init__(self, settings: VADSettings, frame_filter: FrameFilter | None = None) -> None:
         self.s = settings
+        self.frame_filter = frame_filter
         self.vad = webrtcvad.Vad(settings.aggressiveness)
         self.frame = RATE * settings.frame_ms // 1000
         self.frame_s = settings.frame_ms / 1000
@@ -104,7 +109,10 @@ class VADSegmenter:
         return self.vad.is_speech(frame.tobytes(), RATE)
 
     def _frame(self, frame: np.ndarray) -> VADEvent | None:
-        voiced = self.is_voiced(frame)
+        may_be_speech = True
+        if self.frame_filter is not None:
+            frame, may_be_speech = self.frame_filter(frame)
+        voiced = self.is_voiced(frame) and may_be_speech  # is_voiced first: the noise floor sees every frame
         self._frames_seen += 1
         frame_end = self.now
         if not self._in_speech:

@@ -1,16 +1,25 @@
-"""SIP user agent server over UDP (RFC 3261): phone calls from PBXs, SBCs and trunks.
+"""SIP user agent over UDP (RFC 3261): phone calls from PBXs, SBCs and trunks, and to them.
 
-    INVITE ─► 100 Trying, 180 Ringing, 200 OK + SDP answer (resent on timer T1..T2
-              until the ACK comes) ─► RtpSession (G.711) <─> CallSession
-    BYE ─► 200, the call ends      CANCEL before the answer ─► 200, then 487 to the INVITE
-    OPTIONS ─► 200 (keepalives)    no dialog ─► 481   no codec ─► 488   call limit ─► 486
+    SipServer answers calls:
+      INVITE ─► 100 Trying, 180 Ringing, 200 OK + SDP answer (resent on timer T1..T2 until
+                the ACK comes) ─► RtpSession (G.711) <─> CallSession
+      CANCEL before the answer ─► 200, then 487 to the INVITE      call limit ─► 486
+    SipClient (sip_client.py) places them: INVITE + SDP offer ─► 200 ─► ACK ─► the same media.
 
-Responses go where RFC 3261 18.2.2 and RFC 3581 (rport) say, so callers behind NAT get
-them. Anything malformed is answered 400 when it can be, dropped otherwise; nothing a
-caller sends may take the server down.
+SipEndpoint holds what both directions share: the UDP socket, each call's dialog (Dialog:
+what the agent's requests inside a call are built from), the media set-up (RTP and a
+CallSession; DTMF reaches the session, and session.hangup_digit ends the call), BYE either
+way (SipCall.hangup() resends the agent's BYE on Timer E until it is answered, for Timer F
+at most), client transactions, re-INVITEs (200 with the media unchanged), OPTIONS
+(keepalives), and the refusals RFC 3261 8.2 asks of any request: 405/501 for methods we do
+not do, 416 for a Request-URI scheme other than sip/sips/tel, 420 for a Require naming an
+extension (we support none: no 100rel, no session timers), 505 for a SIP version other than
+2.0, 481 for unknown dialogs.
 
-The agent hangs up with a BYE on shutdown and when the ACK never comes.
-Not built yet (see the issue): TCP, outbound calls (UAC), echo-safe barge-in.
+Responses go where RFC 3261 18.2.2 and RFC 3581 (rport) say, and the agent's requests go
+to where the peer's messages come from, so peers behind NAT get them. Anything malformed
+is answered 400 when it can be, dropped otherwise; nothing a peer sends may take the
+endpoint down. Not built: TCP, authentication, DNS SRV (RFC 3263).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import asyncio
 import logging
 import random
 import re
+import socket
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,52 +38,109 @@ from agent.models import UnifiedModelManager
 from agent.session import OUT_RATE, CallSession
 
 from .rtp import RtpSession
-from .sdp import NoCommonCodec, SdpError, answer_audio, parse_sdp
-from .sip_message import (SipMessage, SipParseError, canonical_name, make_response, parse_message, parse_name_addr,
-                          response_address, set_received_rport, split_top)
+from .sdp import Codec, NoCommonCodec, SdpError, answer_audio, parse_sdp
+from .sip_message import (SipMessage, SipParseError, UnsupportedUriScheme, UnsupportedVersion, canonical_name,
+                          make_response, parse_message, parse_name_addr, parse_uri, response_address,
+                          set_received_rport, split_top)
 
 log = logging.getLogger(__name__)
-T1, T2 = 0.5, 4.0  # RFC 3261 timers: the 200 OK is resent at T1, 2 T1, ... capped at T2
-TIMER_H = 64 * T1  # give up waiting for the ACK
+T1, T2 = 0.5, 4.0  # RFC 3261 timers: resends at T1, 2 T1, 4 T1... (capped at T2 but for the INVITE)
+TIMER_B = TIMER_F = TIMER_H = 64 * T1  # give up waiting: for an INVITE's answer, a request's, an ACK
+CLOSE_GRACE_S = 2.0  # on shutdown, how long the BYEs get to be answered
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS"
+HANDLED = frozenset(ALLOW.split(", "))
 KNOWN_UNSUPPORTED = {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
+# Option tags a request may Require (RFC 3261 8.2.2.3). None: no reliable provisionals
+# (100rel), no session timers (timer, RFC 4028: its refreshes would need UPDATE or our own
+# re-INVITEs), no replaces. A Require of anything is answered 420.
+SUPPORTED_EXTENSIONS: frozenset[str] = frozenset()
 
 
 @dataclass
-class SipCall:
-    """One phone call: its dialog, its RTP stream and its CallSession."""
+class Dialog:
+    """A call's dialog (RFC 3261 12), the same whichever side placed the call: what the
+    agent's requests inside it (ACK, BYE) are built from."""
 
     call_id: str
-    invite: SipMessage
-    source: tuple[str, int]  # where the INVITE came from (responses go by its Via)
-    local_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
-    answered: bool = False
-    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    local_tag: str
+    local: str  # our From in our requests (the To in theirs), with our tag
+    remote: str  # theirs, with their tag once it is known
+    remote_target: str  # Request-URI of our requests: the peer's Contact
+    peer: tuple[str, int]  # where our requests go: where the peer's messages come from
+    route: list[str] = field(default_factory=list)  # Route headers, from Record-Route
+    local_cseq: int = 0
+
+    def request(self, method: str, via: str, cseq: int | None = None) -> SipMessage:
+        """A request in this dialog, with the next CSeq unless given (an ACK takes its INVITE's)."""
+        if cseq is None:
+            self.local_cseq += 1
+            cseq = self.local_cseq
+        headers = [("Via", via), ("Max-Forwards", "70"), ("From", self.local), ("To", self.remote),
+                   ("Call-ID", self.call_id), ("CSeq", f"{cseq} {method}")]
+        headers += [("Route", route) for route in self.route]
+        return SipMessage(method=method, uri=self.remote_target, headers=headers)
+
+
+@dataclass(eq=False)
+class SipCall:
+    """One phone call, either direction: its dialog, its RTP stream and its CallSession."""
+
+    dialog: Dialog
+    invite: SipMessage  # the INVITE that set it up: the caller's, or ours
+    endpoint: SipEndpoint = field(repr=False)
+    outbound: bool = False
+    source: tuple[str, int] | None = None  # where their INVITE came from (responses go by its Via)
+    answered: bool = False  # the dialog is confirmed: 200 OK sent (inbound) or received (outbound)
+    acked: asyncio.Event = field(default_factory=asyncio.Event)  # our latest 2xx got its ACK
+    ack_cseq: int = 0  # the CSeq of the INVITE that 2xx answers
     ended: bool = False
+    end_reason: str = ""  # "the other side hung up", "hang-up digit #", ...
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # set once the call is over
+    local_sdp: bytes = b""  # our answer (inbound) or offer (outbound); a re-INVITE gets it again
+    final_response: bytes | None = None  # our final answer to the latest INVITE, for its resends
+    ack: bytes | None = None  # our ACK of their 2xx (outbound), sent again when the 2xx comes again
+    codec: Codec | None = None  # what the SDP settled on
     rtp: RtpSession | None = None
     session: CallSession | None = None
-    final_response: bytes | None = None
     dtmf: list[str] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
+    @property
+    def call_id(self) -> str:
+        return self.dialog.call_id
 
-class SipServer(asyncio.DatagramProtocol):
-    """Answers SIP calls on one UDP port with the agent. `advertise` is the address put in
-    SDP and Contact (the host's address as callers reach it)."""
+    @property
+    def local_tag(self) -> str:
+        return self.dialog.local_tag
+
+    async def hangup(self, reason: str = "the agent hung up") -> int | None:
+        """End the call from the agent's side: BYE, resent on Timer E until it is answered
+        (Timer F at most). Returns the status of that answer (None: none came, or the call
+        had already ended)."""
+        return await self.endpoint.hangup(self, reason)
+
+
+class SipEndpoint(asyncio.DatagramProtocol):
+    """A SIP user agent on one UDP port: its calls, and all that calls in either direction
+    share. `advertise` is the address put in SDP, Via and Contact (the host's address as
+    peers reach it); `voice` the agent's voice in its calls. Subclasses decide what a new
+    INVITE gets (_new_invite)."""
 
     def __init__(self, models: UnifiedModelManager, settings: Settings, host: str, port: int,
-                 advertise: str | None = None, allow_from: set[str] | None = None, ring_s: float = 0.0) -> None:
+                 advertise: str | None = None, allow_from: set[str] | None = None, voice: str | None = None) -> None:
         self.models = models
         self.settings = settings
         self.host = host
         self.port = port
         self.advertise = advertise or host
         self.allow_from = allow_from
-        self.ring_s = ring_s
+        self.voice = voice
         self.calls: dict[str, SipCall] = {}
         self.ended: deque[SipCall] = deque(maxlen=100)  # recent calls, for health and tests
         self.transport: asyncio.DatagramTransport | None = None
         self.dropped = 0
+        # Our requests waiting for answers, by (Via branch, CSeq method): CANCEL shares its INVITE's branch.
+        self._transactions: dict[tuple[str, str], asyncio.Queue[SipMessage]] = {}
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -86,11 +153,19 @@ class SipServer(asyncio.DatagramProtocol):
         self.transport = transport
 
     async def close(self) -> None:
-        """Hang up every call (BYE) and stop listening."""
-        await asyncio.gather(*(self._end(call, bye=True) for call in list(self.calls.values())),
-                             return_exceptions=True)
+        """Hang up every call (BYE, given CLOSE_GRACE_S to be answered) and stop listening."""
+        await asyncio.gather(*(self._end(call, "the agent shut down", bye=True, wait=CLOSE_GRACE_S)
+                               for call in list(self.calls.values())), return_exceptions=True)
         if self.transport is not None:
             self.transport.close()
+
+    @property
+    def contact(self) -> str:
+        return f"<sip:agent@{hostport(self.advertise, self.port)}>"
+
+    async def hangup(self, call: SipCall, reason: str = "the agent hung up") -> int | None:
+        """See SipCall.hangup()."""
+        return await self._end(call, reason, bye=True)
 
     # -- receiving ------------------------------------------------------------------
 
@@ -100,50 +175,237 @@ class SipServer(asyncio.DatagramProtocol):
         except SipParseError as e:
             self._reject_malformed(data, addr, e)
             return
-        if not msg.is_request:
-            return  # responses to our BYEs: nothing to do
-        task = asyncio.ensure_future(self._request(msg, addr))
-        task.add_done_callback(_log_failure)
+        if msg.is_request:
+            task = asyncio.ensure_future(self._on_request(msg, addr))
+            task.add_done_callback(_log_failure)
+        else:
+            self._on_response(msg)
 
-    async def _request(self, msg: SipMessage, addr: tuple[str, int]) -> None:
-        if self.allow_from is not None and addr[0] not in self.allow_from:
-            self._respond(msg, addr, 403, reason="Forbidden (not on the allow-list)")
-            return
+    def _on_response(self, msg: SipMessage) -> None:
+        """Hand an answer to the transaction of ours that waits for it (stray ones are dropped)."""
+        responses = self._transactions.get((msg.via[0].branch, msg.cseq[1]))
+        if responses is not None:
+            responses.put_nowait(msg)
+
+    async def _on_request(self, msg: SipMessage, addr: tuple[str, int]) -> None:
+        try:
+            await self._handle_request(msg, addr)
+        except SipParseError as e:  # a header only looked at now (Require, Record-Route...) is malformed
+            if msg.method != "ACK":
+                self._respond(msg, addr, 400, reason=f"Bad Request ({_one_line(str(e))})")
+
+    async def _handle_request(self, msg: SipMessage, addr: tuple[str, int]) -> None:
         method = msg.method
-        if method == "INVITE":
-            await self._invite(msg, addr)
-        elif method == "ACK":
+        if self.allow_from is not None and addr[0] not in self.allow_from:
+            if method != "ACK":
+                self._respond(msg, addr, 403, reason="Forbidden (not on the allow-list)")
+            return
+        if method == "ACK":  # never answered
             call = self.calls.get(msg.call_id)
-            if call is not None:
+            if call is not None and msg.cseq[0] == call.ack_cseq:
                 call.acked.set()
+            return
+        refusal = _refusal(msg)
+        if refusal is not None:
+            status, headers = refusal
+            self._respond(msg, addr, status, headers=headers)
+        elif method == "INVITE":
+            await self._invite(msg, addr)
         elif method == "BYE":
             call = self.calls.get(msg.call_id)
             if call is None or msg.to_tag != call.local_tag:
                 self._respond(msg, addr, 481)
                 return
             self._respond(msg, addr, 200)
-            await self._end(call)
+            await self._end(call, "the other side hung up")
         elif method == "CANCEL":
             await self._cancel(msg, addr)
-        elif method == "OPTIONS":
+        else:  # OPTIONS
             self._respond(msg, addr, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
-        elif method in KNOWN_UNSUPPORTED:
-            self._respond(msg, addr, 405, headers=[("Allow", ALLOW)])
-        else:
-            self._respond(msg, addr, 501, headers=[("Allow", ALLOW)])
 
     async def _invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
         call = self.calls.get(msg.call_id)
-        if msg.to_tag:  # a re-INVITE inside the dialog: keep the media as it is
-            if call is None or msg.to_tag != call.local_tag:
+        if msg.to_tag:  # a re-INVITE inside a call
+            if call is None or msg.to_tag != call.local_tag or call.ended:
                 self._respond(msg, addr, 481)
-            elif call.final_response is not None:
-                self._send(call.final_response, call)
+            else:
+                self._reinvite(call, msg, addr)
             return
-        if call is not None:  # a retransmission of the INVITE
-            if call.final_response is not None:
-                self._send(call.final_response, call)
+        if call is not None:  # their INVITE again: it gets what it got the first time
+            if not call.outbound and call.final_response is not None:
+                self.transport.sendto(call.final_response, response_address(msg.via[0], addr))
             return
+        await self._new_invite(msg, addr)
+
+    async def _new_invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+    def _reinvite(self, call: SipCall, msg: SipMessage, addr: tuple[str, int]) -> None:
+        """A re-INVITE (hold, a session refresh...): 200 with our SDP as it was. The media
+        stay as they are; symmetric RTP follows the peer if its address changed."""
+        to = response_address(msg.via[0], addr)
+        if msg.cseq[0] == call.ack_cseq and call.final_response is not None:
+            self.transport.sendto(call.final_response, to)  # a resend of the one being answered
+            return
+        ok = self._response_bytes(msg, addr, 200, body=call.local_sdp, content_type="application/sdp",
+                                  headers=[("Contact", self.contact), ("Allow", ALLOW)])
+        self._send_2xx(call, ok, msg.cseq[0], to)
+
+    async def _cancel(self, msg: SipMessage, addr: tuple[str, int]) -> None:
+        call = self.calls.get(msg.call_id)
+        if call is None or call.outbound or call.invite.via[0].branch != msg.via[0].branch:
+            self._respond(msg, addr, 481)
+            return
+        self._respond(msg, addr, 200)
+        if not call.answered:
+            terminated = self._response_bytes(call.invite, call.source, 487, to_tag=call.local_tag)
+            call.final_response = terminated
+            self.transport.sendto(terminated, response_address(call.invite.via[0], call.source))
+            await self._end(call, "the caller gave up before the answer (CANCEL)")
+
+    # -- calls ----------------------------------------------------------------------
+
+    async def _start_media(self, call: SipCall, codec: Codec, sock: socket.socket) -> None:
+        """The call's CallSession and RTP stream, on `sock` (bound: our SDP names its port):
+        the peer's audio into the session at 8 kHz, the session's frames out, DTMF to it."""
+        session = CallSession(self.models, self.settings, voice=self.voice, echo_guard=True)  # lines echo it back
+        rtp = RtpSession(codec.name, codec.payload_type, codec.dtmf_payload_type, (codec.remote_ip, codec.remote_port),
+                         lambda: _samples(session), OUT_RATE, lambda samples: session.push_audio(samples, 8000),
+                         lambda digit: self._dtmf(call, digit))
+        call.codec, call.session, call.rtp = codec, session, rtp  # set first, so that _end() closes them whatever happens
+        await rtp.start(sock=sock)
+
+    def _dtmf(self, call: SipCall, digit: str) -> None:
+        call.dtmf.append(digit)
+        log.info("call %s: DTMF %s", call.call_id, digit)
+        if call.session is not None and call.session.push_dtmf(digit) and not call.ended:
+            call.tasks.append(asyncio.ensure_future(call.hangup(f"the caller pressed the hang-up key {digit}")))
+
+    def _send_2xx(self, call: SipCall, data: bytes, cseq: int, to: tuple[str, int]) -> None:
+        """Send our 2xx to an INVITE and resend it until its ACK comes (RFC 3261 13.3.1.4)."""
+        call.final_response, call.ack_cseq, call.acked = data, cseq, asyncio.Event()
+        self.transport.sendto(data, to)
+        call.tasks.append(asyncio.ensure_future(self._resend_until_ack(call, data, to)))
+
+    async def _resend_until_ack(self, call: SipCall, data: bytes, to: tuple[str, int]) -> None:
+        acked, interval, waited = call.acked, T1, 0.0
+        while waited < TIMER_H:
+            try:
+                await asyncio.wait_for(acked.wait(), interval)
+                return
+            except asyncio.TimeoutError:
+                waited += interval
+                interval = min(2 * interval, T2)
+                self.transport.sendto(data, to)
+        log.warning("call %s: no ACK after %.0f s; ending it", call.call_id, TIMER_H)
+        await self._end(call, f"no ACK came in {TIMER_H:.0f} s", bye=True)
+
+    async def _end(self, call: SipCall, reason: str, bye: bool = False, wait: float = TIMER_F) -> int | None:
+        """End a call: stop its media and its session, then with `bye` (the agent hangs up)
+        send BYE and wait up to `wait` s for the answer. Returns the BYE's answer's status."""
+        if call.ended:
+            return None
+        call.ended, call.end_reason = True, reason
+        for task in call.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        if call.rtp is not None:
+            await call.rtp.close()
+        if call.session is not None:
+            await call.session.close()
+        status = None
+        if bye and call.answered:
+            # The call stays in self.calls meanwhile: a BYE crossing ours gets its 200.
+            answer = await self._send_request(call.dialog.request("BYE", self._via()), call.dialog.peer, wait)
+            status = None if answer is None else answer.status
+            if answer is None:
+                log.warning("call %s: our BYE got no answer in %.0f s", call.call_id, wait)
+        self.calls.pop(call.call_id, None)
+        self.ended.append(call)
+        call.done.set()
+        log.info("call %s ended: %s", call.call_id, reason)
+        return status
+
+    # -- sending --------------------------------------------------------------------
+
+    def _via(self) -> str:
+        return f"SIP/2.0/UDP {hostport(self.advertise, self.port)};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport"
+
+    async def _send_request(self, request: SipMessage, to: tuple[str, int], timeout: float = TIMER_F) -> SipMessage | None:
+        """Send a request other than INVITE as a client transaction (RFC 3261 17.1.2): resent
+        on Timer E (T1, doubling up to T2) until a final answer, which is returned; None if
+        none comes within `timeout` (Timer F)."""
+        key = (request.via[0].branch, request.method)
+        answers = self._transactions[key] = asyncio.Queue()
+        data = request.to_bytes()
+        loop = asyncio.get_running_loop()
+        deadline, interval = loop.time() + timeout, T1
+        try:
+            while True:
+                self.transport.sendto(data, to)
+                resend_at = min(loop.time() + interval, deadline)
+                while (left := resend_at - loop.time()) > 0:
+                    try:
+                        answer = await asyncio.wait_for(answers.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                    if answer.status >= 200:
+                        return answer
+                    interval = T2  # a provisional answer: the final one is coming, resend slowly
+                if loop.time() >= deadline:
+                    return None
+                interval = min(2 * interval, T2)
+        finally:
+            self._transactions.pop(key, None)
+
+    def _response_bytes(self, request: SipMessage, addr, status: int, **kwargs) -> bytes:
+        response = make_response(request, status, **kwargs)
+        top = set_received_rport(request.via[0], *addr)
+        for i, (name, _value) in enumerate(response.headers):  # the top Via records where it came from
+            if name == "Via":
+                response.headers[i] = ("Via", top.to_str())
+                break
+        return response.to_bytes()
+
+    def _respond(self, request: SipMessage, addr, status: int, **kwargs) -> None:
+        data = self._response_bytes(request, addr, status, **kwargs)
+        self.transport.sendto(data, response_address(request.via[0], addr))
+
+    def _reject_malformed(self, data: bytes, addr, error: Exception) -> None:
+        """A 400 (505 for another SIP version) when the message names enough to answer it
+        (RFC 3261 21.4.1, 8.2.2), else drop it."""
+        self.dropped += 1
+        text = data[:8192].decode("utf-8", "replace")
+        version = r"SIP/[0-9]+\.[0-9]+" if isinstance(error, UnsupportedVersion) else r"SIP/2\.0"
+        if not re.match(rf"[A-Za-z]+ \S+ {version}\r?\n", text):
+            return
+        needed = ("Via", "From", "To", "Call-ID", "CSeq")
+        wanted: dict[str, str] = {}
+        for line in re.split(r"\r?\n", text):
+            name, colon, value = line.partition(":")
+            name = canonical_name(name)
+            if colon and name in needed and name not in wanted:
+                wanted[name] = value.strip()
+        if len(wanted) < len(needed) or not all(wanted.values()):
+            return
+        if isinstance(error, UnsupportedVersion):
+            status = "505 Version Not Supported"
+        else:
+            status = f"400 Bad Request ({_one_line(str(error))})"
+        head = [f"SIP/2.0 {status}"] + [f"{name}: {wanted[name]}" for name in needed] + ["Content-Length: 0"]
+        self.transport.sendto(("\r\n".join(head) + "\r\n\r\n").encode(), addr)
+
+
+class SipServer(SipEndpoint):
+    """Answers SIP calls on one UDP port with the agent; `ring_s` is how long it rings first."""
+
+    def __init__(self, models: UnifiedModelManager, settings: Settings, host: str, port: int,
+                 advertise: str | None = None, allow_from: set[str] | None = None, ring_s: float = 0.0,
+                 voice: str | None = None) -> None:
+        super().__init__(models, settings, host, port, advertise, allow_from, voice)
+        self.ring_s = ring_s
+
+    async def _new_invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
         if not self.models.ready:
             self._respond(msg, addr, 503, reason="Service Unavailable (the models are still loading)",
                           headers=[("Retry-After", "10")])
@@ -163,137 +425,82 @@ class SipServer(asyncio.DatagramProtocol):
             self._respond(msg, addr, 488, headers=[("Warning", '305 - "only PCMU and PCMA audio"')])
             return
         except SdpError as e:
-            self._respond(msg, addr, 400, reason=f"Bad Request (SDP: {e})"[:120])
+            self._respond(msg, addr, 400, reason=f"Bad Request (SDP: {_one_line(str(e))})")
             return
-        call = SipCall(msg.call_id, msg, addr)
-        self.calls[msg.call_id] = call
+        call = SipCall(_inbound_dialog(msg, addr), msg, self, source=addr)
+        self.calls[call.call_id] = call
         self._respond(msg, addr, 100)
         self._respond(msg, addr, 180, to_tag=call.local_tag)
         if self.ring_s:
             await asyncio.sleep(self.ring_s)
         if call.ended:  # cancelled while ringing
             return
+        sock = None
         try:
-            session = CallSession(self.models, self.settings)
-            rtp = RtpSession(codec.name, codec.payload_type, codec.dtmf_payload_type,
-                             (codec.remote_ip, codec.remote_port), lambda: _samples(session), OUT_RATE,
-                             lambda samples: session.push_audio(samples, 8000), call.dtmf.append)
-            port = await rtp.start(self.host, 0)
-            answer, _ = answer_audio(offer, self.advertise, port, random.getrandbits(31))
+            sock = rtp_socket(self.host)
+            answer, _ = answer_audio(offer, self.advertise, sock.getsockname()[1], random.getrandbits(31))
+            await self._start_media(call, codec, sock)
         except Exception:
-            log.exception("call %s: could not start", msg.call_id)
-            self.calls.pop(msg.call_id, None)
+            log.exception("call %s: could not start", call.call_id)
+            if call.rtp is None and sock is not None:
+                sock.close()
             self._respond(msg, addr, 500)
+            await self._end(call, "the media could not start")
             return
-        call.session, call.rtp, call.answered = session, rtp, True
-        contact = f"<sip:agent@{_hostport(self.advertise, self.port)}>"
-        ok = self._response_bytes(msg, addr, 200, to_tag=call.local_tag, body=answer.encode(),
-                                  content_type="application/sdp", headers=[("Contact", contact), ("Allow", ALLOW)])
-        call.final_response = ok
-        self._send(ok, call)
-        call.tasks.append(asyncio.ensure_future(self._resend_until_ack(call, ok)))
-        log.info("call %s answered (%s, RTP %d -> %s:%d)", call.call_id, codec.name, port,
+        if call.ended:  # cancelled while the media started: _end() ran before they were running
+            await call.rtp.close()
+            await call.session.close()
+            return
+        call.answered, call.local_sdp = True, answer.encode()
+        ok = self._response_bytes(msg, addr, 200, to_tag=call.local_tag, body=call.local_sdp,
+                                  content_type="application/sdp", headers=[("Contact", self.contact), ("Allow", ALLOW)])
+        self._send_2xx(call, ok, msg.cseq[0], response_address(msg.via[0], addr))
+        log.info("call %s answered (%s, RTP %d -> %s:%d)", call.call_id, codec.name, sock.getsockname()[1],
                  codec.remote_ip, codec.remote_port)
 
-    async def _resend_until_ack(self, call: SipCall, ok: bytes) -> None:
-        interval, waited = T1, 0.0
-        while waited < TIMER_H:
-            try:
-                await asyncio.wait_for(call.acked.wait(), interval)
-                return
-            except asyncio.TimeoutError:
-                waited += interval
-                interval = min(2 * interval, T2)
-                self._send(ok, call)
-        log.warning("call %s: no ACK after %.0f s; ending it", call.call_id, TIMER_H)
-        await self._end(call, bye=True)
 
-    async def _cancel(self, msg: SipMessage, addr: tuple[str, int]) -> None:
-        call = self.calls.get(msg.call_id)
-        branch = msg.via[0].branch if msg.via else None
-        if call is None or not call.invite.via or call.invite.via[0].branch != branch:
-            self._respond(msg, addr, 481)
-            return
-        self._respond(msg, addr, 200)
-        if not call.answered:
-            call.ended = True
-            self.calls.pop(call.call_id, None)
-            terminated = self._response_bytes(call.invite, call.source, 487, to_tag=call.local_tag)
-            call.final_response = terminated
-            self._send(terminated, call)
-
-    async def _end(self, call: SipCall, bye: bool = False) -> None:
-        """End a call; `bye` when the agent hangs up (the caller's BYE needs none back)."""
-        if call.ended:
-            return
-        call.ended = True
-        if bye and call.answered:
-            self._send(self._bye(call), call)
-        self.calls.pop(call.call_id, None)
-        for task in call.tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        if call.rtp is not None:
-            await call.rtp.close()
-        if call.session is not None:
-            await call.session.close()
-        self.ended.append(call)
-        log.info("call %s ended", call.call_id)
-
-    # -- sending --------------------------------------------------------------------
-
-    def _response_bytes(self, request: SipMessage, addr, status: int, **kwargs) -> bytes:
-        response = make_response(request, status, **kwargs)
-        top = set_received_rport(request.via[0], *addr)
-        for i, (name, _value) in enumerate(response.headers):  # the top Via records where it came from
-            if name == "Via":
-                response.headers[i] = ("Via", top.to_str())
-                break
-        return response.to_bytes()
-
-    def _respond(self, request: SipMessage, addr, status: int, **kwargs) -> None:
-        data = self._response_bytes(request, addr, status, **kwargs)
-        self.transport.sendto(data, response_address(request.via[0], addr))
-
-    def _send(self, data: bytes, call: SipCall) -> None:
-        self.transport.sendto(data, response_address(call.invite.via[0], call.source))
-
-    def _bye(self, call: SipCall) -> bytes:
-        """The agent's BYE: its side of the dialog is the INVITE's To (with our tag), sent
-        where the INVITE came from (the Contact may be a private address behind NAT)."""
-        invite = call.invite
-        bye = SipMessage(method="BYE", uri=_contact_uri(invite) or invite.uri, headers=[
-            ("Via", f"SIP/2.0/UDP {_hostport(self.advertise, self.port)};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport"),
-            ("Max-Forwards", "70"),
-            ("From", f"{invite.header('To')};tag={call.local_tag}"),
-            ("To", invite.header("From")),
-            ("Call-ID", call.call_id),
-            ("CSeq", "1 BYE"),
-        ])
-        return bye.to_bytes()
-
-    def _reject_malformed(self, data: bytes, addr, error: Exception) -> None:
-        """A 400 when the message names enough to answer it (RFC 3261 21.4.1), else drop it."""
-        self.dropped += 1
-        text = data[:8192].decode("utf-8", "replace")
-        if not re.match(r"[A-Za-z]+ \S+ SIP/2\.0\r?\n", text):
-            return
-        needed = ("Via", "From", "To", "Call-ID", "CSeq")
-        wanted: dict[str, str] = {}
-        for line in re.split(r"\r?\n", text):
-            name, colon, value = line.partition(":")
-            name = canonical_name(name)
-            if colon and name in needed and name not in wanted:
-                wanted[name] = value.strip()
-        if len(wanted) < len(needed) or not all(wanted.values()):
-            return
-        reason = re.sub(r"[\r\n]", " ", str(error))[:100]
-        head = ([f"SIP/2.0 400 Bad Request ({reason})"] + [f"{name}: {wanted[name]}" for name in needed]
-                + ["Content-Length: 0"])
-        self.transport.sendto(("\r\n".join(head) + "\r\n\r\n").encode(), addr)
+def _inbound_dialog(invite: SipMessage, source: tuple[str, int]) -> Dialog:
+    """The dialog an INVITE we answer sets up (RFC 3261 12.1.1): our side is its To with our
+    tag; our requests go to its Contact, through its Record-Route, sent where it came from
+    (the Contact may be a private address behind NAT)."""
+    tag = uuid.uuid4().hex[:10]
+    return Dialog(call_id=invite.call_id, local_tag=tag, local=f"{invite.header('To')};tag={tag}",
+                  remote=invite.header("From"), remote_target=contact_uri(invite) or invite.uri,
+                  peer=response_address(invite.via[0], source), route=invite.headers_named("Record-Route"))
 
 
-def _contact_uri(msg: SipMessage) -> str | None:
+def _refusal(msg: SipMessage) -> tuple[int, list[tuple[str, str]]] | None:
+    """The answer RFC 3261 8.2.1-8.2.2 gives a request (not an ACK) before it is looked at,
+    if any: 405/501 for a method we do not do, 416 for a Request-URI scheme we do not know,
+    420 naming the extensions it requires that we lack."""
+    if msg.method in KNOWN_UNSUPPORTED:
+        return 405, [("Allow", ALLOW)]
+    if msg.method not in HANDLED:
+        return 501, [("Allow", ALLOW)]
+    try:
+        parse_uri(msg.uri)
+    except UnsupportedUriScheme:
+        return 416, []
+    if msg.method != "CANCEL":  # a CANCEL never gets a 420 (8.2.2.3)
+        unsupported = [tag for tag in msg.headers_named("Require") if tag.lower() not in SUPPORTED_EXTENSIONS]
+        if unsupported:
+            return 420, [("Unsupported", ", ".join(unsupported))]
+    return None
+
+
+def rtp_socket(host: str) -> socket.socket:
+    """A UDP socket for a call's RTP on any free port of `host`: our SDP names its port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, 0))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def contact_uri(msg: SipMessage) -> str | None:
     contact = msg.header("Contact")
     if not contact:
         return None
@@ -308,8 +515,12 @@ def _samples(session: CallSession):
     return None if frame is None else frame.samples
 
 
-def _hostport(host: str, port: int) -> str:
+def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _one_line(text: str, limit: int = 100) -> str:
+    return re.sub(r"[\r\n]", " ", text)[:limit]
 
 
 def _log_failure(task: asyncio.Task) -> None:
