@@ -190,6 +190,13 @@ def _load_speech(settings, tokens: int):
     return settings, models
 
 
+def _generate_inputs(tts):
+    """What the generate baseline needs: sampling (max_tokens is the bench's --tokens),
+    the bench sentence's prompt, and the reference server's first SNAC window time."""
+    prompt = tts.orpheus.prompt_ids(tts.settings.tts.default_voice, BENCH_TEXT)
+    return tts.sampling_params(), prompt, _snac_first_window_s(tts.snac)
+
+
 def _environment(models) -> dict:
     import transformers
 
@@ -210,11 +217,7 @@ def bench_tts(settings, runs: int = 5, tokens: int = 700) -> dict:
     try:
         tts = models.tts
         single = TTSServiceDirect(tts.orpheus, tts.snac, settings, device_thread=models.device_thread)
-        o = settings.orpheus
-        from .orpheus import SamplingParams
-        params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, tokens)
-        prompt = tts.orpheus.prompt_ids(settings.tts.default_voice, BENCH_TEXT)
-        snac_first_s = _snac_first_window_s(tts.snac)
+        params, prompt, snac_first_s = _generate_inputs(tts)
         result: dict = {**_environment(models), "tokens": tokens, "runs": runs,
                         "text_tokens": len(prompt), "real_time_tokens_per_s": round(REAL_TIME_TOKENS_PER_S, 1)}
         gen = [_generate(tts.orpheus, [prompt], tokens, params, snac_first_s) for _ in range(runs + 1)][1:]
@@ -283,11 +286,7 @@ def bench_streams(settings, levels: list[int] | None = None, tokens: int = 700, 
         tts = models.tts
         top = settings.engine.max_streams - 1  # one slot stays free for the probes
         levels = sorted(n for n in (levels or [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]) if 1 <= n <= top)
-        from .orpheus import SamplingParams
-        o = settings.orpheus
-        params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, tokens)
-        prompt = tts.orpheus.prompt_ids(settings.tts.default_voice, BENCH_TEXT)
-        snac_first_s = _snac_first_window_s(tts.snac)
+        params, prompt, snac_first_s = _generate_inputs(tts)
         result: dict = {**_environment(models), "tokens": tokens, "probes": probes,
                         "real_time_tokens_per_s": round(REAL_TIME_TOKENS_PER_S, 1), "generate": [], "engine": []}
         _generate(tts.orpheus, [prompt], 14, params, snac_first_s)  # warm-up

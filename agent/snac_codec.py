@@ -136,7 +136,6 @@ class StreamingSNACDecoder:
         self._gen_s_per_frame: float | None = None  # time between frames, decoding excluded
         self._decode_s_per_frame: float | None = None  # decode time per window frame
         self._last_push_done: float | None = None
-        self._device = next(snac.parameters()).device
 
     def push(self, frame: Sequence[int]) -> np.ndarray | None:
         """Add one frame; return new audio (float32) when some is ready."""
@@ -201,11 +200,8 @@ class StreamingSNACDecoder:
         sustaining = math.ceil(context_s / spare) if spare > 0 else self.max_frames_per_window
         return max(1, min(self.max_frames_per_window, max(affordable, sustaining)))
 
-    @torch.inference_mode()
     def _decode(self, window: "Window") -> np.ndarray:
-        t0 = time.perf_counter()
-        audio = self.snac.decode(frames_to_codes(self.frames[window.start:window.end], self._device))[0, 0]
-        return self.accept(window, audio, time.perf_counter() - t0)
+        return decode_batch(self.snac, [(self, window)])[0]
 
     def accept(self, window: "Window", audio: torch.Tensor, elapsed: float) -> np.ndarray:
         """Take the decoded window (1-D samples) and return the part it emits."""

@@ -193,8 +193,7 @@ class TTSServiceDirect:
             f"(voices: {', '.join(voices)}): {last_error}")
 
     async def _speak(self, sentence: str, voice: str, seed: int, m: RequestMetrics) -> AsyncIterator[np.ndarray]:
-        o = self.settings.orpheus
-        params = SamplingParams(o.temperature, o.top_p, o.repetition_penalty, o.max_tokens)
+        params = self.sampling_params()
         # Tokenizing the prompt is model work too: it runs on the device thread.
         stream = await self.device_thread.run(self.open_stream, sentence, voice, seed, params,
                                               asyncio.get_running_loop())
@@ -218,6 +217,11 @@ class TTSServiceDirect:
             m.tokens += stream.position
             m.snac_s += stream.decoder.decode_s
             m.invalid_tokens += stream.assembler.invalid_tokens
+
+    def sampling_params(self) -> SamplingParams:
+        """Orpheus sampling as the settings give it."""
+        o = self.settings.orpheus
+        return SamplingParams(o.temperature, o.top_p, o.repetition_penalty, o.max_tokens)
 
     def open_stream(self, sentence: str, voice: str, seed: int, params: SamplingParams,
                     loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream | BatchedStream:
