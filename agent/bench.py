@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from .engine import StepProfile
 from .snac_codec import (FRAME_S, FRAME_SAMPLES, SAMPLE_RATE, StreamingSNACDecoder, decode_frames,
                          rel_l2)
 
@@ -234,7 +236,9 @@ def bench_tts(settings, runs: int = 5, tokens: int = 700) -> dict:
 
         result["single"] = asyncio.run(variant(single))
         if tts.batcher is not None:
+            profile = tts.batcher.profile = StepProfile()
             result["engine"] = asyncio.run(variant(tts))
+            result["engine"]["steps"] = profile.summary()
             result["engine_vs_generate_tokens_per_s"] = round(
                 result["engine"]["tokens_per_s"] / max(result["generate"]["tokens_per_s"], 1e-9), 2)
         return result
@@ -253,13 +257,14 @@ async def _loop_lag(samples: list[float], period: float = 0.01) -> None:
 
 async def _engine_level(tts, n: int, probes: int) -> dict:
     """n streams speaking at once; then `probes` new replies, one after another, each
-    measured to its first audio while the n streams go on."""
+    measured to its first audio while the n streams go on. `steps`: where the engine's
+    steps spent their time (StepProfile)."""
+    profile = tts.batcher.profile = StepProfile()
     lag: list[float] = []
     ticker = asyncio.create_task(_loop_lag(lag))
     load = [asyncio.create_task(_speak(tts, BENCH_TEXT, seed=i)) for i in range(n)]
     try:
-        while any(t.done() for t in load) is False and tts.batcher is not None and \
-                sum(1 for s in tts.batcher.active if s.decoder.emitted) < n:
+        while not any(t.done() for t in load) and sum(1 for s in tts.batcher.active if s.decoder.emitted) < n:
             await asyncio.sleep(0.005)
         probe_ms = []
         for i in range(probes):
@@ -274,18 +279,24 @@ async def _engine_level(tts, n: int, probes: int) -> dict:
             "burst_ttfa_ms_p50": _pct([m.ttfa_ms for m in ms], 50), "burst_ttfa_ms_p95": _pct([m.ttfa_ms for m in ms], 95),
             "probe_ttfa_ms_p50": _pct(probe_ms, 50), "probe_ttfa_ms_p95": _pct(probe_ms, 95),
             "loop_lag_ms_p99": _pct(lag, 99), "loop_lag_ms_max": round(max(lag), 2) if lag else None,
-            "real_time": min(rates) >= REAL_TIME_TOKENS_PER_S}
+            "real_time": min(rates) >= REAL_TIME_TOKENS_PER_S, "steps": profile.summary()}
 
 
-def bench_streams(settings, levels: list[int] | None = None, tokens: int = 700, probes: int = 5) -> dict:
+STREAM_LEVELS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
+
+
+def bench_streams(settings, levels: Sequence[int] | None = None, tokens: int = 700, probes: int = 5) -> dict:
     """Concurrent streams, side by side: transformers' generate with all prompts in one
     batch, and the engine with n streams plus new replies arriving meanwhile. Stops at the
-    first level where a stream falls below real time (82 tokens/s)."""
+    first level where a stream falls below real time (82 tokens/s).
+
+    The engine is sized for the run: a slot for each stream of the largest level and one
+    for the new replies, each long enough for `tokens` after the prompt."""
+    levels = sorted(set(levels or STREAM_LEVELS))
+    settings = settings.replace("engine", max_streams=levels[-1] + 1, max_seq_len=-(-(tokens + 256) // 256) * 256)
     settings, models = _load_speech(settings, tokens)
     try:
         tts = models.tts
-        top = settings.engine.max_streams - 1  # one slot stays free for the probes
-        levels = sorted(n for n in (levels or [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]) if 1 <= n <= top)
         params, prompt, snac_first_s = _generate_inputs(tts)
         result: dict = {**_environment(models), "tokens": tokens, "probes": probes,
                         "real_time_tokens_per_s": round(REAL_TIME_TOKENS_PER_S, 1), "generate": [], "engine": []}

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     tts.add_argument("--json", action="store_true", help="print one JSON line")
     streams = bench_sub.add_parser("streams", parents=[common],
                                    help="concurrent speech streams: the most that stay real time, and their first audio")
-    streams.add_argument("--levels", metavar="N,N,...", help="stream counts to try (default 1,2,4,...,max_streams-1)")
+    streams.add_argument("--levels", metavar="N,N,...", help="stream counts to try, up to 1024 (default 1,2,4,8,16,32,48,64,96,128); the "
+                         "engine is sized for the largest plus one slot for the new replies")
     streams.add_argument("--tokens", type=int, default=700, help="audio tokens per sentence, a multiple of 7 (default 700)")
     streams.add_argument("--probes", type=int, default=5, help="new replies timed at each level (default 5)")
     streams.add_argument("--json", action="store_true", help="print one JSON line")
@@ -299,9 +300,8 @@ def cmd_bench_engine(args: argparse.Namespace, settings: Settings) -> int:
             levels = [int(n) for n in args.levels.split(",")] if args.levels else None
         except ValueError:
             raise InputError(f"--levels must be numbers separated by commas, got {args.levels!r}") from None
-        if levels is not None and not all(1 <= n < settings.engine.max_streams for n in levels):
-            raise InputError(f"--levels must be between 1 and engine.max_streams - 1 "
-                             f"({settings.engine.max_streams - 1}): a slot stays free for the new replies")
+        if levels is not None and not all(1 <= n <= 1024 for n in levels):
+            raise InputError(f"--levels must be between 1 and 1024, got {args.levels!r}")
         result = bench_streams(settings, levels, args.tokens, args.probes)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -247,30 +248,42 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
 
 
 class GraphedDecode:
-    """CUDA graphs of StaticLlama.decode for each (batch size, context length) bucket.
+    """StaticLlama.decode in fixed (batch size, context length) buckets, replayed from
+    CUDA graphs.
 
     A step copies its tokens and positions into static buffers and replays the graph of the
-    smallest bucket that holds it, which removes the per-kernel launch cost that dominates
-    a small-batch decode step. Not yet run on a GPU by the project's tests (no GPU in CI):
-    capture failures fall back to eager steps with a warning.
+    smallest bucket that holds it (the rows past the step's batch write only the scratch
+    position), which removes the per-kernel launch cost that dominates a small-batch decode
+    step. The largest buckets are the cache's own size, so every step has one.
+
+    `capture=False` runs each bucket eagerly through the same buffers: a CPU cannot
+    capture graphs, and the tests check the bucketing and padding that way. Capture itself
+    has not yet run on a GPU in this project (no GPU was lent; CI has none); a failed
+    capture falls back to eager steps with a warning (SpeechBatcher).
     """
 
-    def __init__(self, llama: StaticLlama, batch_sizes: Sequence[int], lengths: Sequence[int]) -> None:
+    def __init__(self, llama: StaticLlama, batch_sizes: Sequence[int], lengths: Sequence[int],
+                 capture: bool = True) -> None:
         self.llama = llama
-        self.batch_sizes = sorted(b for b in set(batch_sizes) if b <= llama.slots)
-        self.lengths = sorted(n for n in set(lengths) if n <= llama.max_len)
+        self.batch_sizes = sorted({b for b in batch_sizes if 0 < b < llama.slots} | {llama.slots})
+        self.lengths = sorted({n for n in lengths if 0 < n < llama.max_len} | {llama.max_len})
         self._tokens = torch.zeros(llama.slots, dtype=torch.long, device=llama.device)
         self._positions = torch.full((llama.slots,), llama.scratch, dtype=torch.long, device=llama.device)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pool = torch.cuda.graph_pool_handle()
+        self._steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
         t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle() if capture else None
         for length in self.lengths:
             for b in reversed(self.batch_sizes):  # largest first: later graphs reuse its memory
-                self._graphs[(b, length)] = self._capture(b, length, pool)
-        log.info("captured %d decode graphs (batch %s x context %s) in %.1f s", len(self._graphs),
-                 self.batch_sizes, self.lengths, time.perf_counter() - t0)
+                self._steps[(b, length)] = self._capture(b, length, pool) if capture else self._eager(b, length)
+        if capture:
+            log.info("captured %d decode graphs (batch %s x context %s) in %.1f s", len(self._steps),
+                     self.batch_sizes, self.lengths, time.perf_counter() - t0)
 
-    def _capture(self, b: int, length: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _eager(self, b: int, length: int) -> Callable[[], torch.Tensor]:
+        tokens, positions = self._tokens[:b], self._positions[:b]
+        return lambda: self.llama.decode(tokens, positions, length)
+
+    def _capture(self, b: int, length: int, pool) -> Callable[[], torch.Tensor]:
         tokens, positions = self._tokens[:b], self._positions[:b]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -281,25 +294,48 @@ class GraphedDecode:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             out = self.llama.decode(tokens, positions, length)
-        return graph, out
 
-    def bucket(self, b: int, length: int) -> tuple[int, int] | None:
-        bb = next((x for x in self.batch_sizes if x >= b), None)
-        ll = next((x for x in self.lengths if x >= length), None)
-        return None if bb is None or ll is None else (bb, ll)
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+        return replay
+
+    def verify(self, tolerance: float = 1e-2) -> float:
+        """Replay the smallest and the largest batch bucket against eager steps on the same
+        input; raise RuntimeError when they differ by more than `tolerance` (relative to the
+        logits' size), so a capture that runs but computes the wrong thing is never used.
+        Writes only into the cache (free at start: every stream fills its own)."""
+        length = self.lengths[0]
+        worst = 0.0
+        for b in (self.batch_sizes[0], self.batch_sizes[-1]):
+            tokens = AUDIO_BASE + torch.arange(b, device=self.llama.device) * 7 % AUDIO_IDS
+            positions = torch.arange(b, device=self.llama.device) % (length - 1)
+            eager = self.llama.decode(tokens, positions, length).float()
+            replayed = self.decode(tokens, positions, length).float()
+            worst = max(worst, float((replayed - eager).abs().max() / eager.abs().max().clamp_min(1e-6)))
+        if not worst <= tolerance:  # NaN fails too
+            raise RuntimeError(f"decode graphs differ from eager steps (relative difference {worst:.3g})")
+        return worst
+
+    def bucket(self, b: int, length: int) -> tuple[int, int]:
+        """The smallest (batch size, context length) bucket that holds a step."""
+        return next(x for x in self.batch_sizes if x >= b), next(x for x in self.lengths if x >= length)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """As StaticLlama.decode; the result is a view that the next step overwrites."""
         b = tokens.shape[0]
         key = self.bucket(b, length)
-        if key is None:
-            return self.llama.decode(tokens, positions, _round_up(length, StaticLlama.LENGTH_STEP))
-        graph, out = self._graphs[key]
         self._tokens[:b].copy_(tokens)
         self._positions[:b].copy_(positions)
         self._tokens[b:key[0]].zero_()
         self._positions[b:key[0]].fill_(self.llama.scratch)
-        graph.replay()
-        return out[:b]
+        return self._steps[key]()[:b]
+
+
+# Decode-step buckets: small steps in fine steps (a reply's first audio often runs with a few
+# streams), large ones coarser; the cache's own size is always added.
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+GRAPH_LENGTHS = (256, 512, 1024, 2048, 4096)
 
 
 # -- speech streams -------------------------------------------------------------------------
@@ -357,6 +393,42 @@ class BatchedStream:
         self.done = True
 
 
+@dataclass
+class StepProfile:
+    """Where the batcher's steps spent their time, phase by phase (admin: cancellations,
+    slots and cache moves; prefill; forward: the decode step's model call; sample; snac;
+    deliver: handing audio to the calls' loops, releasing finished streams). On a GPU
+    each phase ends with a device synchronize, so its GPU time lands in it."""
+
+    steps: int = 0
+    rows: int = 0  # decode rows, summed over steps
+    max_rows: int = 0
+    snac_calls: int = 0
+    snac_frames: int = 0  # frames decoded in SNAC windows (context frames included)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("admin", "prefill", "forward", "sample", "snac", "deliver"), 0.0))
+    _last: float = 0.0
+
+    def begin(self) -> None:
+        self.steps += 1
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self._last:  # 0: set in the middle of a step, which counts from the next one
+            self.seconds[phase] += now - self._last
+        self._last = now
+
+    def summary(self) -> dict:
+        """Per step: milliseconds in each phase, decode rows, SNAC calls."""
+        n = max(self.steps, 1)
+        return {"steps": self.steps, "mean_rows": round(self.rows / n, 2), "max_rows": self.max_rows,
+                "ms_per_step": round(sum(self.seconds.values()) * 1000 / n, 3),
+                "phase_ms_per_step": {k: round(v * 1000 / n, 3) for k, v in self.seconds.items()},
+                "snac_calls_per_step": round(self.snac_calls / n, 3),
+                "snac_frames_per_step": round(self.snac_frames / n, 3)}
+
+
 class SpeechBatcher:
     """Continuous batching of Orpheus decoding, stepped by the device thread.
 
@@ -376,19 +448,21 @@ class SpeechBatcher:
         self.defer_lead_s = defer_lead_s
         self.snac_mode = snac_mode
         self.max_frames_per_window = max_frames_per_window
+        self.pad_snac_windows = self.llama.device.type == "cuda"  # one SNAC call per step (decode_batch)
         self.graphs: GraphedDecode | None = None
         if cuda_graphs and self.llama.device.type == "cuda":
             try:
                 with torch.inference_mode():
-                    self.graphs = GraphedDecode(self.llama, [1, 2, 4, 8, 16, 32, 48, 64, 96, 128],
-                                                [256, 512, 1024, 2048, 4096])
+                    graphs = GraphedDecode(self.llama, GRAPH_BATCH_SIZES, GRAPH_LENGTHS)
+                    log.info("decode graphs match eager steps (relative difference %.2g)", graphs.verify())
+                    self.graphs = graphs
             except Exception as e:  # a driver or kernel that cannot be captured: run eager
-                log.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
+                log.warning("CUDA graphs cannot be used (%s); decode steps run eagerly", e)
         self.slots: list[BatchedStream | None] = [None] * max_streams
         self.waiting: deque[BatchedStream] = deque()  # admitted, no slot yet
         self.seen = torch.zeros(max_streams, AUDIO_IDS + 1, dtype=torch.bool, device=self.llama.device)
         self.steps = 0
-        self.step_batch_sizes: list[int] = []  # rows per decode step (bench)
+        self.profile: StepProfile | None = None  # set by the bench (and tests) to see where steps go
 
     # -- called on the device thread --------------------------------------------------
 
@@ -412,10 +486,14 @@ class SpeechBatcher:
 
     @torch.inference_mode()
     def step(self) -> None:
+        if self.profile is not None:
+            self.profile.begin()
         self._drop_cancelled()
         self._assign_slots()
+        self._mark("admin")
         try:
             due = self._prefill()
+            self._mark("prefill")
             due += self._decode()
             self._decode_audio(due)
         except Exception as e:  # a device failure fails the streams of this step, not the engine
@@ -423,7 +501,15 @@ class SpeechBatcher:
             for stream in self.active:
                 stream._deliver(AudioGenerationError(f"speech step failed: {e}"))
                 self._release(stream)
+        self._mark("deliver")
         self.steps += 1
+
+    def _mark(self, phase: str) -> None:
+        """End of a phase of the step (only when profiling: it waits for the device)."""
+        if self.profile is not None:
+            if self.llama.device.type == "cuda":
+                torch.cuda.synchronize(self.llama.device)
+            self.profile.mark(phase)
 
     def _drop_cancelled(self) -> None:
         for stream in [s for s in self.waiting if s.cancelled]:
@@ -497,9 +583,13 @@ class SpeechBatcher:
             block = self.graphs.decode(tokens, positions, length)
         else:
             block = self.llama.decode(tokens, positions, _round_up(length, StaticLlama.LENGTH_STEP))
-        self.step_batch_sizes.append(len(rows))
+        self._mark("forward")
         index = torch.tensor([s.slot for s in rows], device=block.device)
         self._sample(rows, block.index_select(0, index))
+        self._mark("sample")
+        if self.profile is not None:
+            self.profile.rows += len(rows)
+            self.profile.max_rows = max(self.profile.max_rows, len(rows))
         return rows
 
     def _sample(self, streams: list[BatchedStream], block: torch.Tensor) -> None:
@@ -540,7 +630,13 @@ class SpeechBatcher:
         if any(s.decoder.emitted == 0 and not s.finished for s in self.active):  # a new stream warms up
             windows = [(s, w) for s, w in windows
                        if s.finished or s.decoder.emitted == 0 or s.decoder.lead_s <= self.defer_lead_s]
-        audio = decode_batch(self.snac, [(s.decoder, w) for s, w in windows]) if windows else []
+        jobs = [(s.decoder, w) for s, w in windows]
+        audio = decode_batch(self.snac, jobs, self.pad_snac_windows) if jobs else []
+        if self.profile is not None:
+            decoded = [s.decoder.last_window for s, _ in windows]
+            self.profile.snac_calls += len({w.frames for w in decoded})  # one call per window length
+            self.profile.snac_frames += sum(w.frames for w in decoded)
+        self._mark("snac")
         for (stream, _), chunk in zip(windows, audio):
             if len(chunk):
                 stream._deliver(chunk)

@@ -1,9 +1,11 @@
-"""Device choice and GPU memory: check before loading, report, clean up after."""
+"""Device choice and memory: check before loading (GPU memory, or RAM on a CPU), report,
+clean up after."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import resource
 from typing import Callable
 
@@ -41,11 +43,25 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-class GPUMemoryManager:
-    """Checks free VRAM before each model loads and reports what the models use.
+def available_ram() -> tuple[int, int]:
+    """(available, total) bytes of RAM: what a CPU run can still allocate without the
+    kernel killing the process."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):  # not Linux: free pages are the best guess
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
 
-    `mem_get_info` returns (free, total) bytes; it defaults to torch's CUDA query and
-    can be given another source (tests pass one to exercise the refusal).
+
+class GPUMemoryManager:
+    """Checks free memory before each model loads and reports what the models use.
+
+    `mem_get_info` returns (free, total) bytes; it defaults to torch's CUDA query on a GPU
+    and to the available RAM on a CPU (a load too big for RAM would otherwise end in the
+    kernel's out-of-memory kill, with no message), and can be given another source
+    (tests pass one to exercise the refusal).
     """
 
     def __init__(self, device: torch.device, headroom_gb: float,
@@ -53,24 +69,28 @@ class GPUMemoryManager:
         self.device = device
         self.headroom_bytes = int(headroom_gb * GIB)
         self._mem_get_info = mem_get_info
-        if self._mem_get_info is None and device.type == "cuda":
-            self._mem_get_info = lambda: torch.cuda.mem_get_info(device)
+        if self._mem_get_info is None:
+            self._mem_get_info = (lambda: torch.cuda.mem_get_info(device)) if device.type == "cuda" else available_ram
         self.loaded: dict[str, int] = {}
 
     def check(self, name: str, needed_bytes: int) -> None:
         """Raise InsufficientVRAMError when `name` would not fit with the headroom."""
         self.loaded[name] = needed_bytes
-        if self._mem_get_info is None:
-            return  # CPU: the operating system manages memory
         free, total = self._mem_get_info()
-        if needed_bytes + self.headroom_bytes > free:
-            raise InsufficientVRAMError(
-                f"{name} needs {needed_bytes / GIB:.1f} GiB plus {self.headroom_bytes / GIB:.1f} GiB headroom, "
-                f"but only {free / GIB:.1f} GiB of {total / GIB:.1f} GiB is free on {self.device}. "
-                "Free the GPU (other processes), lower device.headroom_gb, choose a smaller dtype "
-                "(device.dtype), or run on the CPU (VOICE_AGENT_DEVICE__DEVICE=cpu)."
-            )
-        log.info("%s: %.2f GiB needed, %.1f GiB free on %s", name, needed_bytes / GIB, free / GIB, self.device)
+        if needed_bytes + self.headroom_bytes <= free:
+            log.info("%s: %.2f GiB needed, %.1f GiB free on %s", name, needed_bytes / GIB, free / GIB, self.device)
+            return
+        if self.device.type == "cuda":
+            where = f"free on {self.device}"
+            advice = ("Free the GPU (other processes), lower device.headroom_gb, choose a smaller dtype "
+                      "(device.dtype), or run on the CPU (VOICE_AGENT_DEVICE__DEVICE=cpu).")
+        else:
+            where = "available in RAM"
+            advice = ("Close other programs, lower device.headroom_gb, or ask for less (engine.max_streams, "
+                      "engine.max_seq_len, the tiny profile).")
+        raise InsufficientVRAMError(
+            f"{name} needs {needed_bytes / GIB:.1f} GiB plus {self.headroom_bytes / GIB:.1f} GiB headroom, "
+            f"but only {free / GIB:.1f} GiB of {total / GIB:.1f} GiB is {where}. {advice}")
 
     def stats(self) -> dict[str, float]:
         """Allocated, reserved and peak memory in MiB (GPU), or the process's peak RSS (CPU)."""

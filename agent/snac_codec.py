@@ -131,6 +131,7 @@ class StreamingSNACDecoder:
         self.emitted_samples = 0
         self.decode_s = 0.0
         self.windows = 0
+        self.last_window: Window | None = None  # as decoded (decode_batch may lengthen it)
         self.first_audio_after_tokens: int | None = None
         self._play_end: float | None = None  # when the audio emitted so far finishes playing
         self._gen_s_per_frame: float | None = None  # time between frames, decoding excluded
@@ -211,6 +212,7 @@ class StreamingSNACDecoder:
         self.decode_s += elapsed
         self._decode_s_per_frame = _ema(self._decode_s_per_frame, elapsed / window.frames)
         self.windows += 1
+        self.last_window = window
         if self.first_audio_after_tokens is None:
             self.first_audio_after_tokens = len(self.frames) * FRAME_TOKENS
         now = self.clock()
@@ -234,9 +236,18 @@ class Window:
 
 
 @torch.inference_mode()
-def decode_batch(snac, jobs: Sequence[tuple[StreamingSNACDecoder, Window]]) -> list[np.ndarray]:
+def decode_batch(snac, jobs: Sequence[tuple[StreamingSNACDecoder, Window]], pad_left: bool = False) -> list[np.ndarray]:
     """Decode many streams' windows with one SNAC call per window length (SNAC decodes
-    a batch of equally long code sequences); returns each job's emitted audio."""
+    a batch of equally long code sequences); returns each job's emitted audio.
+
+    `pad_left` lengthens windows to the batch's longest by taking in earlier frames of
+    their own stream (more left context leaves the emitted audio as it is, within SNAC's
+    tolerance), so a step needs one call rather than one per length: worth it on a GPU,
+    where a small SNAC call costs its kernel launches rather than its arithmetic."""
+    if pad_left and jobs:
+        longest = max(w.frames for _, w in jobs)
+        jobs = [(d, Window(w.end - longest, w.end, w.emit_start, w.emit_end) if w.end >= longest else w)
+                for d, w in jobs]
     out: list[np.ndarray | None] = [None] * len(jobs)
     by_length: dict[int, list[int]] = {}
     for i, (_, window) in enumerate(jobs):

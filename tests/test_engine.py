@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agent.errors import AudioGenerationError
-from agent.engine import DeviceThread, SpeechBatcher, StaticLlama
+from agent.engine import DeviceThread, GraphedDecode, SpeechBatcher, StaticLlama, StepProfile
 from agent.orpheus import SamplingParams, audio_block, tokens_to_frames
 from agent.snac_codec import FRAME_SAMPLES, decode_frames, rel_l2
 
@@ -64,12 +64,77 @@ def test_static_llama_step_matches_transformers(tts_models):
     assert torch.allclose(step[2], audio_block(hf2.logits[0, -1]), atol=1e-4)
 
 
+def _filled_cache(orpheus, device="cpu", slots=6, max_len=192):
+    """A StaticLlama with three prompts of different lengths in slots 0-2."""
+    llama = StaticLlama(orpheus.model, slots=slots, max_len=max_len)
+    contexts = []
+    for slot, text in enumerate(TEXTS[:3]):
+        prompt = torch.tensor(orpheus.prompt_ids("tara", text), device=device)
+        llama.prefill(slot, prompt, 0)
+        contexts.append(len(prompt))
+    tokens = torch.tensor([128266 + 5, 128266 + 4096 + 9, 128266 + 3], device=device)
+    return llama, tokens, torch.tensor(contexts, device=device)
+
+
+@torch.inference_mode()
+def test_bucketed_decode_pads_without_changing_results(tts_models):
+    """The static buffers and buckets that the CUDA graphs replay, run eagerly (a CPU
+    cannot capture graphs): a step of 3 streams runs in the 4-row bucket and a longer
+    context bucket, and gives what the exact-size step gives; the padding row writes only
+    the scratch position of its slot."""
+    llama, tokens, positions = _filled_cache(tts_models[0])
+    graphs = GraphedDecode(llama, [1, 2, 4], [64, 128], capture=False)
+    assert graphs.batch_sizes == [1, 2, 4, 6] and graphs.lengths == [64, 128, 192]
+    assert graphs.bucket(3, 20) == (4, 64) and graphs.bucket(5, 150) == (6, 192)
+    length = int(positions.max()) + 1
+    exact = llama.decode(tokens, positions, length).clone()
+    k3 = llama.k[:, 3].clone()
+    padded = graphs.decode(tokens, positions, length)
+    assert padded.shape == exact.shape
+    assert torch.allclose(padded, exact, atol=1e-5)
+    changed = (llama.k[:, 3] != k3).any(dim=(0, 1, 3)).nonzero().flatten().tolist()
+    assert changed == [llama.scratch]
+    # One row alone, in the smallest buckets.
+    one = graphs.decode(tokens[:1], positions[:1], length)
+    assert torch.allclose(one[0], exact[0], atol=1e-5)
+    assert graphs.verify() < 1e-5  # the start-up check that guards captured graphs
+
+
+def test_graph_check_refuses_a_bucket_that_computes_something_else(tts_models):
+    llama, _, _ = _filled_cache(tts_models[0])
+    graphs = GraphedDecode(llama, [1, 2], [64], capture=False)
+    assert graphs.batch_sizes == [1, 2, 6]
+    wrong = graphs._steps[(6, 64)]
+    graphs._steps[(6, 64)] = lambda: wrong() * 1.5  # what a broken capture could give
+    with pytest.raises(RuntimeError, match="differ from eager"):
+        with torch.inference_mode():
+            graphs.verify()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (capturing graphs)")
+@torch.inference_mode()
+def test_cuda_graph_replay_matches_eager_steps(tts_models):
+    import copy
+
+    orpheus = copy.copy(tts_models[0])
+    orpheus.model = copy.deepcopy(orpheus.model).to("cuda")
+    llama, tokens, positions = _filled_cache(orpheus, device="cuda")
+    graphs = GraphedDecode(llama, [1, 2, 4], [64, 128], capture=True)
+    for b in (1, 2, 3):
+        length = int(positions[:b].max()) + 1
+        eager = llama.decode(tokens[:b], positions[:b], 64).clone()
+        assert torch.allclose(graphs.decode(tokens[:b], positions[:b], length), eager, atol=1e-3)
+        positions = positions + 1  # the next step, one position on
+    assert graphs.verify() < 1e-3
+
+
 async def test_batched_streams_give_the_tokens_they_give_alone(tts_models):
     """Streams join at different steps, one waits for a slot, prompts are fed in chunks,
     and short streams leave early (the others move to lower slots): every stream still
     samples exactly the tokens of the single-stream path with the same seed."""
     orpheus = tts_models[0]
     batcher = make_batcher(tts_models, max_streams=3, prefill_chunk=16)
+    batcher.profile = StepProfile()
     loop = asyncio.get_running_loop()
     plans = [(TEXTS[0], 140, 1), (TEXTS[1], 35, 2), (TEXTS[2], 91, 3), (TEXTS[3], 140, 4)]
     streams = []
@@ -80,15 +145,19 @@ async def test_batched_streams_give_the_tokens_they_give_alone(tts_models):
             batcher.step()
     assert len(batcher.waiting) == 1  # three slots, four streams
     await run_until_done(batcher, streams)
-    assert max(batcher.step_batch_sizes) == 3
+    profile = batcher.profile.summary()
+    assert profile["max_rows"] == 3 and profile["steps"] == batcher.steps
+    assert profile["snac_calls_per_step"] > 0 and profile["phase_ms_per_step"]["forward"] > 0
     for stream, (text, max_tokens, seed) in zip(streams, plans):
         assert stream.tokens == single_tokens(orpheus, text, SamplingParams(max_tokens=max_tokens), seed)
     assert not batcher.has_work() and batcher.active == []
 
 
-async def test_batched_audio_is_every_frame_of_the_one_shot_decode(tts_models):
+@pytest.mark.parametrize("pad_snac_windows", [False, True], ids=["cpu-windows", "gpu-windows"])
+async def test_batched_audio_is_every_frame_of_the_one_shot_decode(tts_models, pad_snac_windows):
     orpheus, snac, _ = tts_models
     batcher = make_batcher(tts_models)
+    batcher.pad_snac_windows = pad_snac_windows  # on by default on a GPU only
     loop = asyncio.get_running_loop()
     params = SamplingParams(max_tokens=140)
     streams = [batcher.admit(orpheus.prompt_ids("tara", t), params, i, loop) for i, t in enumerate(TEXTS[:3])]

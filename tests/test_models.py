@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from agent.config import load_settings
 from agent.errors import InsufficientVRAMError, ModelInitializationError
-from agent.memory import GPUMemoryManager
+from agent.memory import GPUMemoryManager, available_ram
 from agent.monitor import PerformanceMonitor
 from agent.orpheus import (BOS, EOT, END_OF_HUMAN, START_OF_AI, START_OF_HUMAN, START_OF_SPEECH, VOCAB_SIZE,
                            OrpheusDirectModel)
@@ -70,6 +70,13 @@ def test_memory_check_refuses_what_does_not_fit():
     with pytest.raises(InsufficientVRAMError, match=r"needs 6\.\d GiB plus 2\.0 GiB headroom.*only 7\.0 GiB of 8\.0 GiB"):
         small_gpu.check("Orpheus", needed)
     GPUMemoryManager(torch.device("cuda"), 2.0, mem_get_info=lambda: (40 * gib, 80 * gib)).check("Orpheus", needed)
+    # On a CPU the check is against available RAM: an out-of-memory kill gives no message.
+    small_ram = GPUMemoryManager(torch.device("cpu"), headroom_gb=2.0, mem_get_info=lambda: (5 * gib, 24 * gib))
+    with pytest.raises(InsufficientVRAMError, match=r"only 5\.0 GiB of 24\.0 GiB is available in RAM"):
+        small_ram.check("the speech engine's KV cache", 28 * gib)
+    available, total = available_ram()
+    assert 0 < available <= total
+    GPUMemoryManager(torch.device("cpu"), 0.0).check("a small model", 1024)  # the real RAM query, passes
     stats = GPUMemoryManager(torch.device("cpu"), 2.0).stats()
     assert stats["process_peak_rss_mib"] > 0
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agent.snac_codec import FRAME_SAMPLES, StreamingSNACDecoder, decode_frames, rel_l2
+from agent.snac_codec import FRAME_SAMPLES, StreamingSNACDecoder, Window, decode_batch, decode_frames, rel_l2
 
 N_FRAMES = 48  # about 4 s of audio
 
@@ -75,3 +75,38 @@ def test_short_stream_is_flushed_whole(snac, frames):
         decoder = StreamingSNACDecoder(snac, "default")
         chunks, _ = stream_all(decoder, frames[:n])
         assert sum(len(c) for c in chunks) == n * FRAME_SAMPLES
+
+
+def test_windows_lengthened_to_the_longest_decode_in_one_call(snac, frames, one_shot):
+    """decode_batch(pad_left=True): windows of three lengths take in earlier frames of
+    their own stream, so one SNAC call decodes them, and each emits what the one-shot
+    decode has there. A stream too short to lengthen keeps its own call."""
+    calls = []
+    real_decode = snac.decode
+
+    def counted(codes):
+        calls.append(codes[0].shape)
+        return real_decode(codes)
+
+    def decoder_with(n):
+        d = StreamingSNACDecoder(snac, "default")
+        for frame in frames[:n]:
+            d.add(frame)
+        return d
+
+    jobs = [(decoder_with(30), Window(20, 30, 22, 28)), (decoder_with(40), Window(34, 40, 36, 38)),
+            (decoder_with(17), Window(10, 17, 12, 15)), (decoder_with(6), Window(0, 6, 1, 4))]
+    snac.decode = counted
+    try:
+        padded = decode_batch(snac, jobs, pad_left=True)
+        assert [tuple(s) for s in calls] == [(3, 10), (1, 6)]  # 3 windows as 10 frames; the 6-frame stream alone
+        assert [d.last_window.frames for d, _ in jobs] == [10, 10, 10, 6]
+        calls.clear()
+        plain = decode_batch(snac, jobs, pad_left=False)
+        assert len(calls) == 3  # lengths 10, 6 (twice) and 7
+    finally:
+        snac.decode = real_decode
+    for (_, w), a, b in zip(jobs, padded, plain):
+        expected = one_shot[w.emit_start * FRAME_SAMPLES:w.emit_end * FRAME_SAMPLES]
+        assert len(a) == len(b) == len(expected)
+        assert rel_l2(a, expected) < 1e-3 and rel_l2(b, expected) < 1e-3
