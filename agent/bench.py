@@ -183,10 +183,13 @@ def _decode_rate(m) -> float:
     return (m.tokens - 1) / span if m.first_token and span > 0 and m.tokens > 1 else 0.0
 
 
-def _load_speech(settings, tokens: int):
+def _load_speech(settings, tokens: int, streams: int):
+    """Orpheus and SNAC, with the engine sized for `streams` streams of `tokens` audio
+    tokens (and a prompt of up to 256)."""
     from .models import UnifiedModelManager
 
-    settings = settings.replace("orpheus", max_tokens=tokens)
+    settings = settings.replace("orpheus", max_tokens=tokens).replace(
+        "engine", max_streams=streams, max_seq_len=-(-(tokens + 256) // 256) * 256)
     models = UnifiedModelManager(settings)
     models.load(listen=False)
     return settings, models
@@ -212,10 +215,11 @@ def _environment(models) -> dict:
 
 def bench_tts(settings, runs: int = 5, tokens: int = 700) -> dict:
     """One stream, side by side: transformers' generate, the single-stream path, and the
-    batched engine: decode tokens/s and time to first audio (text in -> first audio out)."""
+    batched engine: decode tokens/s and time to first audio (text in -> first audio out).
+    The engine gets one slot, long enough for `tokens` after the prompt."""
     from .tts import TTSServiceDirect
 
-    settings, models = _load_speech(settings, tokens)
+    settings, models = _load_speech(settings, tokens, streams=1)
     try:
         tts = models.tts
         single = TTSServiceDirect(tts.orpheus, tts.snac, settings, device_thread=models.device_thread)
@@ -293,8 +297,7 @@ def bench_streams(settings, levels: Sequence[int] | None = None, tokens: int = 7
     The engine is sized for the run: a slot for each stream of the largest level and one
     for the new replies, each long enough for `tokens` after the prompt."""
     levels = sorted(set(levels or STREAM_LEVELS))
-    settings = settings.replace("engine", max_streams=levels[-1] + 1, max_seq_len=-(-(tokens + 256) // 256) * 256)
-    settings, models = _load_speech(settings, tokens)
+    settings, models = _load_speech(settings, tokens, streams=levels[-1] + 1)
     try:
         tts = models.tts
         params, prompt, snac_first_s = _generate_inputs(tts)

@@ -332,10 +332,11 @@ class GraphedDecode:
         return self._steps[key]()[:b]
 
 
-# Decode-step buckets: small steps in fine steps (a reply's first audio often runs with a few
-# streams), large ones coarser; the cache's own size is always added.
+# Decode-step buckets: small batches in fine steps (a reply's first audio often runs with a
+# few streams), large ones coarser; every row reads keys up to its bucket's length, so the
+# lengths above 512 grow by at most 1.5x. The cache's own size is always added.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-GRAPH_LENGTHS = (256, 512, 1024, 2048, 4096)
+GRAPH_LENGTHS = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 # -- speech streams -------------------------------------------------------------------------

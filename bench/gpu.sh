@@ -5,6 +5,7 @@
 #   bash bench/gpu.sh fetch            here: wheels for Python 3.12 into .whl/ (git-ignored)
 #   bash bench/gpu.sh run tts|streams  there, in the repository root, with .whl/ beside it;
 #                                      results (JSON, logs, nvidia-smi) go to $OUT (or bench/out)
+#   bash bench/gpu.sh run check        there: the test that CUDA graph replay matches eager steps
 #
 # The GPU machine must have Python 3.12 with torch (CUDA), numpy, tokenizers,
 # huggingface_hub, safetensors, tiktoken and einops; only the packages below are added.
@@ -28,7 +29,7 @@ fetch)
     ;;
 run)
     what="${2:-}"
-    case "$what" in tts|streams) ;; *) echo "usage: bench/gpu.sh run tts|streams" >&2; exit 2 ;; esac
+    case "$what" in tts|streams|check) ;; *) echo "usage: bench/gpu.sh run tts|streams|check" >&2; exit 2 ;; esac
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     out="${OUT:-bench/out}"
@@ -36,11 +37,15 @@ run)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.csv" || true
     python3 -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, torch.version.cuda, transformers.__version__)' > "$out/versions.txt"
     shift 2
+    if [ "$what" = check ]; then  # no pytest-asyncio there: only the synchronous CUDA test runs
+        python3 -m pytest -q -p no:cacheprovider tests/test_engine.py -k cuda_graph 2>&1 | tee "$out/check.log"
+        exit "${PIPESTATUS[0]}"
+    fi
     python3 -m agent.cli bench "$what" --profile "$PROFILE" --json "$@" > "$out/$what.json" 2> >(tee "$out/$what.log" >&2)
     cat "$out/$what.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh fetch | run tts|streams [bench options]" >&2
+    echo "usage: bench/gpu.sh fetch | run tts|streams [bench options] | run check" >&2
     exit 2
     ;;
 esac

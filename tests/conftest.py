@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent.audio import read_audio
 from agent.config import Settings, load_settings
 from agent.models import UnifiedModelManager
 from agent.tts import TTSServiceDirect
@@ -41,6 +40,8 @@ def models(tiny_settings):
 @pytest.fixture(scope="session")
 def speech():
     """Two spoken questions (espeak-ng), 16 kHz mono int16."""
+    from agent.audio import read_audio  # PyAV: imported here so model-only runs need no media stack
+
     fixtures = Path(__file__).parent / "fixtures"
     return [read_audio(fixtures / f"question{i}.wav", 16000) for i in (1, 2)]
 
