@@ -129,30 +129,28 @@ def _round_up(n: int, to: int) -> int:
 
 
 class StaticLlama:
-    """A transformers Llama run with a static KV cache of `slots` sequences of up to
-    `max_len` tokens: (layers, slots, kv_heads, max_len, head_dim) keys and values.
+    """A transformers Llama decoder run with a static KV cache of `slots` sequences of up
+    to `max_len` tokens: (layers, slots, kv_heads, max_len, head_dim) keys and values.
 
-    It reuses the model's own modules (norms, projections, MLP, rotary embedding) and
-    writes out only the attention over the cache. Logits are computed for the audio ids
-    and end_of_speech only (28,673 rows of the 156,940-row head), the only ids Orpheus's
-    sampler looks at. Position max_len - 1 is scratch: rows of the batch without a stream
-    write there, and no stream ever reads it.
+    It reuses the decoder's own modules (norms, projections, MLP, rotary embedding) and
+    writes out only the attention over the cache. Logits are computed for the rows of
+    `head` only: Orpheus passes the audio ids and end_of_speech (28,673 rows of its
+    156,940-row head, the only ids its sampler looks at; `audio_head`), Voxtral its whole
+    head. Position max_len - 1 is scratch: rows of the batch without a stream write there,
+    and no stream ever reads it.
     """
 
     LENGTH_STEP = 64  # eager steps attend over the longest context rounded up to this
 
-    def __init__(self, model: torch.nn.Module, slots: int, max_len: int) -> None:
-        cfg = model.config
-        self.model = model
+    def __init__(self, decoder: torch.nn.Module, head: torch.Tensor, slots: int, max_len: int) -> None:
+        cfg = decoder.config
+        self.decoder = decoder  # a LlamaModel: embed_tokens, layers, norm, rotary_emb
+        self.head = head
         self.slots = slots
         self.max_len = max_len
         self.scratch = max_len - 1
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        weight = model.lm_head.weight
-        self.head = torch.cat([weight[AUDIO_BASE:AUDIO_BASE + AUDIO_IDS],
-                               weight[END_OF_SPEECH:END_OF_SPEECH + 1]]).contiguous()
+        self.device, self.dtype = head.device, head.dtype
         shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -167,11 +165,11 @@ class StaticLlama:
 
     def _blocks(self, h: torch.Tensor, positions: torch.Tensor, write: Callable, read: Callable,
                 mask: torch.Tensor) -> torch.Tensor:
-        """The decoder layers: h (B, T, hidden) at positions (B, T) -> the audio block logits
-        of each row's last position (B, 28,673)."""
+        """The decoder layers: h (B, T, hidden) at positions (B, T) -> the head's logits of
+        each row's last position (B, head rows)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        m = self.model.model
+        m = self.decoder
         b, t, _ = h.shape
         cos, sin = m.rotary_emb(h, positions)
         for i, layer in enumerate(m.layers):
@@ -190,7 +188,7 @@ class StaticLlama:
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """One token for each of the first B slots: tokens and positions (B,); keys are read
-        up to `length` (more than every real position). Returns (B, 28,673) logits."""
+        up to `length` (more than every real position). Returns (B, head rows) logits."""
         b = tokens.shape[0]
         rows = self._rows[:b]
 
@@ -202,13 +200,14 @@ class StaticLlama:
             return self.k[i, :b, :, :length], self.v[i, :b, :, :length]
 
         mask = (self._keys[:length][None, :] <= positions[:, None])[:, None, None, :]
-        h = self.model.model.embed_tokens(tokens)[:, None]
+        h = self.decoder.embed_tokens(tokens)[:, None]
         return self._blocks(h, positions[:, None], write, read, mask)
 
-    def prefill(self, slot: int, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Tokens (T,) of one sequence at positions start.. into `slot`; returns the last
-        position's audio block logits (28,673)."""
-        t = tokens.shape[0]
+    def prefill(self, slot: int, inputs: torch.Tensor, start: int) -> torch.Tensor:
+        """Inputs of one sequence at positions start.. into `slot`: token ids (T,), or input
+        embeddings (T, hidden) (Voxtral's audio is embedded by its encoder). Returns the last
+        position's logits (head rows)."""
+        t = inputs.shape[0]
         end = start + t
         positions = torch.arange(start, end, device=self.device)
 
@@ -220,13 +219,20 @@ class StaticLlama:
             return self.k[i, slot:slot + 1, :, :end], self.v[i, slot:slot + 1, :, :end]
 
         mask = (self._keys[:end][None, :] <= positions[:, None])[None, None]
-        h = self.model.model.embed_tokens(tokens)[None]
+        h = (inputs.to(self.dtype) if inputs.is_floating_point() else self.decoder.embed_tokens(inputs))[None]
         return self._blocks(h, positions[None], write, read, mask)[0]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache to another slot (to keep active slots packed low)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def audio_head(model: torch.nn.Module) -> torch.Tensor:
+    """The rows of Orpheus's head that its sampler reads: the 7 x 4096 audio ids, then
+    end_of_speech (orpheus.audio_block's layout)."""
+    weight = model.lm_head.weight
+    return torch.cat([weight[AUDIO_BASE:AUDIO_BASE + AUDIO_IDS], weight[END_OF_SPEECH:END_OF_SPEECH + 1]]).contiguous()
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -339,46 +345,37 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 GRAPH_LENGTHS = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
-# -- speech streams -------------------------------------------------------------------------
+# -- continuous batching ------------------------------------------------------------------
 
-class BatchedStream:
-    """One sentence being spoken by the batcher. The device thread fills it; the event
-    loop reads its audio with next_audio() and stops it with close()."""
+class SlotStream:
+    """A generation holding a slot of a SlotBatcher's cache. The device thread fills it;
+    the event loop reads what it makes with _next() and stops it with close()."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, decoder: StreamingSNACDecoder,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.generator = stream_generator(seed)
-        self.decoder = decoder
-        self.assembler = FrameAssembler()
+    def __init__(self, prompt: torch.Tensor, max_tokens: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.prompt = prompt  # on the device: token ids (T,) or input embeddings (T, hidden)
+        self.max_tokens = max_tokens
         self.loop = loop
-        self.tokens: list[int] = []  # audio tokens so far (end_of_speech not included)
-        self.max_tokens = params.max_tokens
+        self.tokens: list[int] = []  # sampled so far (the end token not included)
         self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens already in the cache
+        self.prefilled = 0  # prompt positions already in the cache
         self.next_token: int | None = None  # the input of the next decode step
         self.first_token_at: float | None = None
         self.cancelled = False  # set by the event loop; the device thread drops it at the next step
-        self.finished = False  # device side: no more audio will come
+        self.finished = False  # device side: nothing more will come
         self.done = False  # event-loop side: everything was read
         self._out: asyncio.Queue = asyncio.Queue()
 
     @property
-    def position(self) -> int:
-        return len(self.tokens)
-
-    @property
     def context_len(self) -> int:
-        """Tokens in the cache once the pending input is written."""
-        return len(self.prompt_ids) + len(self.tokens)
+        """Positions in the cache once the pending input is written."""
+        return self.prompt.shape[0] + len(self.tokens)
 
     def _deliver(self, item: Any) -> None:
         if not self.cancelled:
             self.loop.call_soon_threadsafe(self._out.put_nowait, item)
 
-    async def next_audio(self) -> np.ndarray | None:
-        """The next chunk of float32 audio, or None at the end (then `done` is set)."""
+    async def _next(self) -> Any:
+        """The next item delivered, or None at the end (then `done` is set)."""
         item = await self._out.get()
         if item is None:
             self.done = True
@@ -398,7 +395,7 @@ class BatchedStream:
 class StepProfile:
     """Where the batcher's steps spent their time, phase by phase (admin: cancellations,
     slots and cache moves; prefill; forward: the decode step's model call; sample; snac;
-    deliver: handing audio to the calls' loops, releasing finished streams). On a GPU
+    deliver: handing results to the calls' loops, releasing finished streams). On a GPU
     each phase ends with a device synchronize, so its GPU time lands in it."""
 
     steps: int = 0
@@ -430,56 +427,43 @@ class StepProfile:
                 "snac_frames_per_step": round(self.snac_frames / n, 3)}
 
 
-class SpeechBatcher:
-    """Continuous batching of Orpheus decoding, stepped by the device thread.
+class SlotBatcher:
+    """Continuous batching over a StaticLlama, stepped by the device thread.
 
-    Each step: drop cancelled streams, prefill waiting streams (at most `prefill_chunk`
-    prompt tokens, so running streams never stall long), one decode step for every stream
-    with its cache ready, then the SNAC windows that became due, decoded together. While a
-    new stream waits for its first audio, streams more than `defer_lead_s` ahead of their
-    listeners put off their windows, so the first audio of a new reply comes first.
+    Each step: drop cancelled streams, give waiting ones free slots, prefill (at most
+    `prefill_chunk` prompt positions, so running streams never stall long), one decode step
+    for every stream with its cache ready, then `_emit` for the streams that got a token.
+    Active slots are kept packed low (cache rows moved) so decode steps stay small.
+    Subclasses sample (`_sample`) and hand out what the tokens make (`_emit`).
     """
 
-    def __init__(self, orpheus, snac, max_streams: int, max_seq_len: int, prefill_chunk: int,
-                 defer_lead_s: float, snac_mode: str, max_frames_per_window: int, cuda_graphs: bool) -> None:
-        self.orpheus = orpheus
-        self.snac = snac
-        self.llama = StaticLlama(orpheus.model, max_streams, max_seq_len)
+    def __init__(self, llama: StaticLlama, prefill_chunk: int, cuda_graphs: bool) -> None:
+        self.llama = llama
         self.prefill_chunk = prefill_chunk
-        self.defer_lead_s = defer_lead_s
-        self.snac_mode = snac_mode
-        self.max_frames_per_window = max_frames_per_window
-        self.pad_snac_windows = self.llama.device.type == "cuda"  # one SNAC call per step (decode_batch)
         self.graphs: GraphedDecode | None = None
-        if cuda_graphs and self.llama.device.type == "cuda":
+        if cuda_graphs and llama.device.type == "cuda":
             try:
                 with torch.inference_mode():
-                    graphs = GraphedDecode(self.llama, GRAPH_BATCH_SIZES, GRAPH_LENGTHS)
+                    graphs = GraphedDecode(llama, GRAPH_BATCH_SIZES, GRAPH_LENGTHS)
                     log.info("decode graphs match eager steps (relative difference %.2g)", graphs.verify())
                     self.graphs = graphs
             except Exception as e:  # a driver or kernel that cannot be captured: run eager
                 log.warning("CUDA graphs cannot be used (%s); decode steps run eagerly", e)
-        self.slots: list[BatchedStream | None] = [None] * max_streams
-        self.waiting: deque[BatchedStream] = deque()  # admitted, no slot yet
-        self.seen = torch.zeros(max_streams, AUDIO_IDS + 1, dtype=torch.bool, device=self.llama.device)
+        self.slots: list[SlotStream | None] = [None] * llama.slots
+        self.waiting: deque[SlotStream] = deque()  # admitted, no slot yet
         self.steps = 0
         self.profile: StepProfile | None = None  # set by the bench (and tests) to see where steps go
 
-    # -- called on the device thread --------------------------------------------------
-
-    def admit(self, prompt_ids: list[int], params: SamplingParams, seed: int,
-              loop: asyncio.AbstractEventLoop) -> BatchedStream:
-        decoder = StreamingSNACDecoder(self.snac, self.snac_mode, self.max_frames_per_window)
-        stream = BatchedStream(prompt_ids, params, seed, decoder, loop)
-        room = self.llama.scratch - len(prompt_ids)
+    def _enqueue(self, stream: SlotStream, what: str) -> None:
+        room = self.llama.scratch - stream.prompt.shape[0]
         if room < 1:
-            raise AudioGenerationError(f"prompt of {len(prompt_ids)} tokens does not fit engine.max_seq_len")
-        stream.max_tokens = min(params.max_tokens, room)
+            raise AudioGenerationError(f"{what} of {stream.prompt.shape[0]} positions does not fit "
+                                       f"the engine's max_seq_len ({self.llama.max_len})")
+        stream.max_tokens = min(stream.max_tokens, room)
         self.waiting.append(stream)
-        return stream
 
     @property
-    def active(self) -> list[BatchedStream]:
+    def active(self) -> list:
         return [s for s in self.slots if s is not None]
 
     def has_work(self) -> bool:
@@ -496,11 +480,11 @@ class SpeechBatcher:
             due = self._prefill()
             self._mark("prefill")
             due += self._decode()
-            self._decode_audio(due)
+            self._emit(due)
         except Exception as e:  # a device failure fails the streams of this step, not the engine
-            log.exception("batched speech step failed")
+            log.exception("batched step failed")
             for stream in self.active:
-                stream._deliver(AudioGenerationError(f"speech step failed: {e}"))
+                stream._deliver(AudioGenerationError(f"generation step failed: {e}"))
                 self._release(stream)
         self._mark("deliver")
         self.steps += 1
@@ -524,9 +508,9 @@ class SpeechBatcher:
             stream = self.waiting.popleft()
             stream.slot = self.slots.index(None)
             self.slots[stream.slot] = stream
-            self.seen[stream.slot] = False
+            self._on_assign(stream.slot)
 
-    def _release(self, stream: BatchedStream) -> None:
+    def _release(self, stream: SlotStream) -> None:
         stream.finished = True
         if stream.slot is None:
             return
@@ -543,12 +527,12 @@ class SpeechBatcher:
                 return
             stream = self.slots[last]
             self.llama.move(last, free, stream.context_len)
-            self.seen[free] = self.seen[last]
+            self._on_move(last, free)
             self.slots[free], self.slots[last] = stream, None
             stream.slot = free
 
-    def _prefill(self) -> list[BatchedStream]:
-        """Feed waiting prompts into the cache, up to prefill_chunk tokens this step.
+    def _prefill(self) -> list:
+        """Feed waiting prompts into the cache, up to prefill_chunk positions this step.
         Returns the streams whose first token was sampled."""
         budget = self.prefill_chunk
         started = []
@@ -557,17 +541,16 @@ class SpeechBatcher:
                 break
             if stream.next_token is not None or stream.finished:
                 continue
-            todo = stream.prompt_ids[stream.prefilled:stream.prefilled + budget]
-            tokens = torch.tensor(todo, device=self.llama.device)
-            block = self.llama.prefill(stream.slot, tokens, stream.prefilled)
-            stream.prefilled += len(todo)
-            budget -= len(todo)
-            if stream.prefilled == len(stream.prompt_ids):
-                self._sample([stream], block[None])
+            todo = stream.prompt[stream.prefilled:stream.prefilled + budget]
+            logits = self.llama.prefill(stream.slot, todo, stream.prefilled)
+            stream.prefilled += todo.shape[0]
+            budget -= todo.shape[0]
+            if stream.prefilled == stream.prompt.shape[0]:
+                self._sample([stream], logits[None])
                 started.append(stream)
         return started
 
-    def _decode(self) -> list[BatchedStream]:
+    def _decode(self) -> list:
         """One decode step for every stream whose prompt is in the cache."""
         rows = [s for s in self.active if s.next_token is not None and not s.finished]
         if not rows:
@@ -581,17 +564,93 @@ class SpeechBatcher:
         length = max(s.context_len for s in rows)
         tokens, positions = tokens.to(self.llama.device), positions.to(self.llama.device)
         if self.graphs is not None:
-            block = self.graphs.decode(tokens, positions, length)
+            logits = self.graphs.decode(tokens, positions, length)
         else:
-            block = self.llama.decode(tokens, positions, _round_up(length, StaticLlama.LENGTH_STEP))
+            logits = self.llama.decode(tokens, positions, _round_up(length, StaticLlama.LENGTH_STEP))
         self._mark("forward")
-        index = torch.tensor([s.slot for s in rows], device=block.device)
-        self._sample(rows, block.index_select(0, index))
+        index = torch.tensor([s.slot for s in rows], device=logits.device)
+        self._sample(rows, logits.index_select(0, index))
         self._mark("sample")
         if self.profile is not None:
             self.profile.rows += len(rows)
             self.profile.max_rows = max(self.profile.max_rows, len(rows))
         return rows
+
+    # -- what a subclass adds ------------------------------------------------------------
+
+    def _on_assign(self, slot: int) -> None:
+        """A stream takes `slot` (reset per-slot state)."""
+
+    def _on_move(self, src: int, dst: int) -> None:
+        """A stream's cache moved from slot src to dst (move per-slot state along)."""
+
+    def _sample(self, streams: list, logits: torch.Tensor) -> None:
+        """One token for each stream from its row of logits: append it to stream.tokens and
+        set stream.next_token, or set stream.finished."""
+        raise NotImplementedError
+
+    def _emit(self, streams: list) -> None:
+        """Hand out what this step's tokens made; deliver None to and release the finished."""
+        raise NotImplementedError
+
+
+# -- speech streams -------------------------------------------------------------------------
+
+class BatchedStream(SlotStream):
+    """One sentence being spoken by the batcher. The device thread fills it; the event
+    loop reads its audio with next_audio() and stops it with close()."""
+
+    def __init__(self, prompt: torch.Tensor, params: SamplingParams, seed: int, decoder: StreamingSNACDecoder,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(prompt, params.max_tokens, loop)
+        self.params = params
+        self.generator = stream_generator(seed)
+        self.decoder = decoder
+        self.assembler = FrameAssembler()
+
+    @property
+    def position(self) -> int:
+        """Audio tokens so far: the next token's place in its 7-token frame is position % 7."""
+        return len(self.tokens)
+
+    async def next_audio(self) -> np.ndarray | None:
+        """The next chunk of float32 audio, or None at the end (then `done` is set)."""
+        return await self._next()
+
+
+class SpeechBatcher(SlotBatcher):
+    """Continuous batching of Orpheus decoding: position-constrained sampling per stream,
+    frames of 7 codes, and the SNAC windows that became due, decoded together. While a new
+    stream waits for its first audio, streams more than `defer_lead_s` ahead of their
+    listeners put off their windows, so the first audio of a new reply comes first.
+    """
+
+    def __init__(self, orpheus, snac, max_streams: int, max_seq_len: int, prefill_chunk: int,
+                 defer_lead_s: float, snac_mode: str, max_frames_per_window: int, cuda_graphs: bool) -> None:
+        llama = StaticLlama(orpheus.model.model, audio_head(orpheus.model), max_streams, max_seq_len)
+        super().__init__(llama, prefill_chunk, cuda_graphs)
+        self.orpheus = orpheus
+        self.snac = snac
+        self.defer_lead_s = defer_lead_s
+        self.snac_mode = snac_mode
+        self.max_frames_per_window = max_frames_per_window
+        self.pad_snac_windows = llama.device.type == "cuda"  # one SNAC call per step (decode_batch)
+        self.seen = torch.zeros(max_streams, AUDIO_IDS + 1, dtype=torch.bool, device=llama.device)
+
+    def admit(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+              loop: asyncio.AbstractEventLoop) -> BatchedStream:
+        """A new stream (on the device thread); it starts at the next step with a free slot."""
+        decoder = StreamingSNACDecoder(self.snac, self.snac_mode, self.max_frames_per_window)
+        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.llama.device)
+        stream = BatchedStream(prompt, params, seed, decoder, loop)
+        self._enqueue(stream, "a speech prompt")
+        return stream
+
+    def _on_assign(self, slot: int) -> None:
+        self.seen[slot] = False
+
+    def _on_move(self, src: int, dst: int) -> None:
+        self.seen[dst] = self.seen[src]
 
     def _sample(self, streams: list[BatchedStream], block: torch.Tensor) -> None:
         """Sample one token per stream from its logits block and feed its frame assembler."""
@@ -620,7 +679,7 @@ class SpeechBatcher:
             if stream.position >= stream.max_tokens:
                 stream.finished = True
 
-    def _decode_audio(self, streams: list[BatchedStream]) -> None:
+    def _emit(self, streams: list[BatchedStream]) -> None:
         """Decode the SNAC windows now due, first audio before streams far ahead."""
         windows = []
         for stream in streams:

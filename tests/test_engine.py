@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agent.errors import AudioGenerationError
-from agent.engine import DeviceThread, GraphedDecode, SpeechBatcher, StaticLlama, StepProfile
+from agent.engine import DeviceThread, GraphedDecode, SpeechBatcher, StaticLlama, StepProfile, audio_head
 from agent.orpheus import SamplingParams, audio_block, tokens_to_frames
 from agent.snac_codec import FRAME_SAMPLES, decode_frames, rel_l2
 
@@ -50,7 +50,7 @@ async def run_until_done(batcher, streams, max_steps=2000):
 @torch.inference_mode()
 def test_static_llama_step_matches_transformers(tts_models):
     orpheus = tts_models[0]
-    llama = StaticLlama(orpheus.model, slots=3, max_len=128)
+    llama = StaticLlama(orpheus.model.model, audio_head(orpheus.model), slots=3, max_len=128)
     prompt = torch.tensor(orpheus.prompt_ids("tara", "Check the cache."))
     hf = orpheus.model(input_ids=prompt[None], use_cache=True)
     ours = llama.prefill(2, prompt, 0)
@@ -66,7 +66,7 @@ def test_static_llama_step_matches_transformers(tts_models):
 
 def _filled_cache(orpheus, device="cpu", slots=6, max_len=192):
     """A StaticLlama with three prompts of different lengths in slots 0-2."""
-    llama = StaticLlama(orpheus.model, slots=slots, max_len=max_len)
+    llama = StaticLlama(orpheus.model.model, audio_head(orpheus.model), slots=slots, max_len=max_len)
     contexts = []
     for slot, text in enumerate(TEXTS[:3]):
         prompt = torch.tensor(orpheus.prompt_ids("tara", text), device=device)
