@@ -322,3 +322,65 @@ def bench_streams(settings, levels: Sequence[int] | None = None, tokens: int = 7
         return result
     finally:
         models.unload()
+
+
+REPLY_LEVELS = (1, 2, 4, 8)
+
+
+def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 32) -> dict:
+    """Voxtral replies to n callers at once, side by side: the single path (each reply its
+    own forward passes, interleaved on the device thread) and the reply engine (one decode
+    step for all): tokens/s per reply (min, p50), all replies together, and time to the
+    first token. The callers' audio is a 2 s tone: with random weights only the compute
+    matters. Replies run to `tokens` unless the model ends them sooner."""
+    from .models import UnifiedModelManager
+    from .voxtral import BatchedReply, ReplyParams, TextStream
+
+    levels = sorted(set(levels or REPLY_LEVELS))
+    settings = settings.replace("engine", reply_slots=levels[-1])
+    models = UnifiedModelManager(settings)
+    models.load()
+    t = np.arange(32000) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
+    params = ReplyParams(settings.voxtral.temperature, settings.voxtral.top_p, tokens)
+
+    async def reply(seed: int, batched: bool) -> tuple[int, float, float]:
+        """(tokens, seconds from the first token to the last, seconds to the first token)"""
+        device = models.device_thread
+        t0 = time.perf_counter()
+        if batched:
+            stream = await device.run(models.open_reply, audio, [], "", params, seed, asyncio.get_running_loop())
+        else:
+            inputs = await device.run(models.voxtral.reply_inputs, audio, [], "")
+            stream = TextStream(models.voxtral, inputs, params, seed)
+        times = []
+        try:
+            while await (stream.next_piece() if isinstance(stream, BatchedReply)
+                         else device.run(stream.step)) is not None:
+                times.append(time.perf_counter())
+        finally:
+            stream.close()
+        return len(times), (times[-1] - times[0]) if len(times) > 1 else 0.0, (times[0] - t0) if times else 0.0
+
+    async def level(n: int, batched: bool) -> dict:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(reply(1 + i, batched) for i in range(n)))
+        wall = time.perf_counter() - t0
+        rates = [(k - 1) / span for k, span, _ in results if k > 1 and span > 0]
+        return {"replies": n, "min_tokens_per_s": round(min(rates), 1) if rates else None,
+                "p50_tokens_per_s": _pct(rates, 50), "all_tokens_per_s": round(sum(k for k, _, _ in results) / wall, 1),
+                "first_token_ms_p50": _pct([f * 1000 for _, _, f in results], 50)}
+
+    try:
+        result: dict = {**_environment(models), "tokens": tokens, "single": [], "engine": []}
+        asyncio.run(level(1, True))  # warm-up
+        asyncio.run(level(1, False))
+        for n in levels:
+            result["single"].append(asyncio.run(level(n, False)))
+            result["engine"].append(asyncio.run(level(n, True)))
+        result["engine_vs_single_all_tokens_per_s"] = [
+            round(e["all_tokens_per_s"] / max(s["all_tokens_per_s"], 1e-9), 2)
+            for s, e in zip(result["single"], result["engine"])]
+        return result
+    finally:
+        models.unload()

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     streams.add_argument("--tokens", type=int, default=700, help="audio tokens per sentence, a multiple of 7 (default 700)")
     streams.add_argument("--probes", type=int, default=5, help="new replies timed at each level (default 5)")
     streams.add_argument("--json", action="store_true", help="print one JSON line")
+    replies = bench_sub.add_parser("replies", parents=[common],
+                                   help="Voxtral replies to many callers at once: the single path vs the reply engine")
+    replies.add_argument("--levels", metavar="N,N,...", help="replies at once to try, up to 1024 (default 1,2,4,8)")
+    replies.add_argument("--tokens", type=int, default=32, help="tokens per reply (default 32)")
+    replies.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_webrtc(args, settings)
         if args.command == "bench" and args.bench == "sip":
             return cmd_bench_sip(args, settings)
-        if args.command == "bench" and args.bench in ("tts", "streams"):
+        if args.command == "bench" and args.bench in ("tts", "streams", "replies"):
             return cmd_bench_engine(args, settings)
     except (InputError, ConfigError) as e:
         print(f"voice-agent: error: {e}", file=sys.stderr)
@@ -284,27 +289,36 @@ def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_engine(args: argparse.Namespace, settings: Settings) -> int:
-    """voice-agent bench tts | streams"""
-    from .bench import bench_streams, bench_tts
+    """voice-agent bench tts | streams | replies"""
+    from .bench import bench_replies, bench_streams, bench_tts
 
-    if args.tokens < 28 or args.tokens % 7:
-        raise InputError("--tokens must be a multiple of 7, at least 28 (the baseline's first audio)")
-    if args.bench == "tts":
-        if args.runs < 1:
-            raise InputError("--runs must be at least 1")
-        result = bench_tts(settings, args.runs, args.tokens)
+    if args.bench != "tts" and settings.engine.mode != "batched":
+        raise InputError(f"bench {args.bench} measures the batched engine; set engine.mode = \"batched\"")
+    if args.bench == "replies":
+        if not 2 <= args.tokens <= 4096:
+            raise InputError("--tokens must be between 2 and 4096")
+        result = bench_replies(settings, _levels(args), args.tokens)
     else:
-        if settings.engine.mode != "batched":
-            raise InputError("bench streams measures the batched engine; set engine.mode = \"batched\"")
-        try:
-            levels = [int(n) for n in args.levels.split(",")] if args.levels else None
-        except ValueError:
-            raise InputError(f"--levels must be numbers separated by commas, got {args.levels!r}") from None
-        if levels is not None and not all(1 <= n <= 1024 for n in levels):
-            raise InputError(f"--levels must be between 1 and 1024, got {args.levels!r}")
-        result = bench_streams(settings, levels, args.tokens, args.probes)
+        if args.tokens < 28 or args.tokens % 7:
+            raise InputError("--tokens must be a multiple of 7, at least 28 (the baseline's first audio)")
+        if args.bench == "tts":
+            if args.runs < 1:
+                raise InputError("--runs must be at least 1")
+            result = bench_tts(settings, args.runs, args.tokens)
+        else:
+            result = bench_streams(settings, _levels(args), args.tokens, args.probes)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
+
+
+def _levels(args: argparse.Namespace) -> list[int] | None:
+    try:
+        levels = [int(n) for n in args.levels.split(",")] if args.levels else None
+    except ValueError:
+        raise InputError(f"--levels must be numbers separated by commas, got {args.levels!r}") from None
+    if levels is not None and not all(1 <= n <= 1024 for n in levels):
+        raise InputError(f"--levels must be between 1 and 1024, got {args.levels!r}")
+    return levels
 
 
 def cmd_bench_webrtc(args: argparse.Namespace, settings: Settings) -> int:

@@ -65,6 +65,8 @@ class EngineSettings:
     prefill_chunk: int
     defer_lead_s: float
     cuda_graphs: bool
+    reply_slots: int
+    reply_max_seq_len: int
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ _RANGES = {
     "engine.max_seq_len": (64, 131_072),
     "engine.prefill_chunk": (16, 131_072),
     "engine.defer_lead_s": (0.0, 600.0),
+    "engine.reply_slots": (1, 4096),
+    "engine.reply_max_seq_len": (64, 131_072),
     "voxtral.temperature": (0.0, 10.0),
     "voxtral.top_p": (1e-6, 1.0),
     "voxtral.max_new_tokens": (1, 100_000),

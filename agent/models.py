@@ -34,6 +34,7 @@ class UnifiedModelManager:
         self.memory = GPUMemoryManager(self.device, settings.device.headroom_gb)
         self.device_thread = DeviceThread()
         self.voxtral = None
+        self.replies = None  # ReplyBatcher ("batched" engine mode)
         self.tts = None
         self.memory_by_model: dict[str, float] = {}  # MiB allocated by each model (GPU)
 
@@ -71,6 +72,8 @@ class UnifiedModelManager:
             log.info("loading Voxtral from %s on %s (%s)...", voxtral_source, self.device, dtype_name)
             self.voxtral = self._measured("voxtral", lambda: self._with_fp32_fallback(
                 lambda dtype: VoxtralModel.load(voxtral_source, self.device, dtype, self.memory.check)))
+            if s.engine.mode == "batched":
+                self.replies = self._reply_batcher(self.voxtral)
 
         def orpheus_runs(orpheus: OrpheusDirectModel) -> None:
             # Some GPUs load half-precision weights but cannot run them: one real step.
@@ -105,6 +108,37 @@ class UnifiedModelManager:
             self.settings.snac.decoder_mode, self.settings.snac.max_frames_per_window, e.cuda_graphs))
         self.device_thread.attach(batcher)
         return batcher
+
+    def _reply_batcher(self, voxtral):
+        """Continuous batching of Voxtral's replies, with its static KV cache."""
+        from .engine import StaticLlama
+        from .voxtral import ReplyBatcher
+
+        e = self.settings.engine
+        need = StaticLlama.cache_bytes(voxtral.model.config.text_config, e.reply_slots, e.reply_max_seq_len,
+                                       voxtral.dtype)
+        self.memory.check("the reply engine's KV cache (engine.reply_slots x engine.reply_max_seq_len)", need)
+        log.info("preparing the reply engine: %d replies x %d tokens (%.0f MiB KV cache)...",
+                 e.reply_slots, e.reply_max_seq_len, need / 2**20)
+        batcher = self._measured("replies", lambda: ReplyBatcher(
+            voxtral, e.reply_slots, e.reply_max_seq_len, e.prefill_chunk, e.cuda_graphs))
+        self.device_thread.attach(batcher)
+        return batcher
+
+    def open_reply(self, audio, history, instructions: str, params, seed: int, loop):
+        """Start Voxtral's reply to `audio` after `history` (on the device thread): a
+        BatchedReply where the reply engine has room for the prompt and the longest reply,
+        else a TextStream (the single path)."""
+        from .voxtral import TextStream
+
+        inputs = self.voxtral.reply_inputs(audio, history, instructions)
+        if self.replies is not None:
+            prompt = inputs["input_ids"].shape[-1]
+            if prompt + params.max_new_tokens <= self.replies.llama.scratch:
+                return self.replies.admit(inputs, params, seed, loop)
+            log.info("a prompt of %d tokens leaves no room for a reply in engine.reply_max_seq_len (%d): "
+                     "answered by the single path", prompt, self.settings.engine.reply_max_seq_len)
+        return TextStream(self.voxtral, inputs, params, seed)
 
     def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any],
                             check: Callable[[Any], None] | None = None) -> Any:
@@ -144,7 +178,7 @@ class UnifiedModelManager:
             self.tts.unload()
         if self.voxtral is not None:
             self.voxtral.unload()
-        self.tts = self.voxtral = None
+        self.tts = self.voxtral = self.replies = None
         self.device_thread.shutdown()
         self.memory.cleanup()
         if UnifiedModelManager._instance is self:

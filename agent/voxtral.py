@@ -4,25 +4,30 @@ Voxtral is a Whisper-style audio encoder, a projector and a Llama decoder. Its p
 (WhisperFeatureExtractor + mistral-common's Tekken tokenizer) pads audio to whole 30 s
 chunks; each chunk becomes 375 [AUDIO] placeholder tokens whose embeddings the encoder
 fills in. Two modes: understanding (a chat; the reply is the agent's answer) and
-transcription. The decode loop is written out plainly as in orpheus.TokenStream: one
-prefill with the audio features, then one forward per token with the KV cache.
+transcription. Two ways to decode a reply: `TextStream`, one generation with
+transformers' dynamic cache (one prefill with the audio features, then one forward per
+token), and `ReplyBatcher`, which decodes the replies of every call together on the
+engine's static cache (agent/engine.py); a reply gets the same tokens either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import codecs
 import io
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .engine import SlotBatcher, SlotStream, StaticLlama
 from .errors import InputError, ModelInitializationError
-from .generation import (CachedGeneration, InProcessModel, estimate_llama_bytes, first_line, load_failure,
-                         sample_index)
+from .generation import (CachedGeneration, InProcessModel, draw_uniform, estimate_llama_bytes, first_line,
+                         load_failure, sample_index, sample_rows)
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +140,32 @@ class VoxtralModel(InProcessModel):
     def reply_stream(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
                      params: ReplyParams, seed: int) -> TextStream:
         """Understanding mode: answer `audio`, the caller's new turn, after `history`."""
+        return TextStream(self, self.reply_inputs(audio, history, instructions), params, seed)
+
+    def reply_inputs(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str) -> dict:
+        """The processor's prompt for a reply: input_ids (1, T) and input_features."""
         from mistral_common.exceptions import MistralCommonException
 
         conversation = self.conversation(audio, history, instructions)
         try:
-            inputs = self.processor.apply_chat_template(conversation)
+            return self.processor.apply_chat_template(conversation)
         except (MistralCommonException, ValueError) as e:  # mistral-common rejects the structure
             raise InputError(f"cannot build the Voxtral prompt: {first_line(e)}") from e
-        return TextStream(self, inputs, params, seed)
+
+    @torch.inference_mode()
+    def prompt_embeddings(self, inputs: dict) -> torch.Tensor:
+        """The prompt as the language model's input embeddings (T, hidden): the text's
+        token embeddings with the audio encoder's output in the [AUDIO] placeholders, as
+        transformers' Voxtral forward builds them."""
+        m = self.model.model
+        ids = inputs["input_ids"].to(self.device)
+        embeds = m.get_input_embeddings()(ids)
+        if inputs.get("input_features") is not None:
+            features = inputs["input_features"].to(self.device, self.dtype)
+            audio = m.get_audio_features(features, return_dict=True).pooler_output
+            mask = (ids == m.config.audio_token_id)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, audio.to(embeds.dtype))
+        return embeds[0]
 
     def transcribe_stream(self, audio: np.ndarray, language: str | None, params: ReplyParams,
                           seed: int) -> TextStream:
@@ -201,6 +224,73 @@ class VoxtralModel(InProcessModel):
     def unload(self) -> None:
         self.model = None
         self.processor = None
+
+
+class BatchedReply(SlotStream):
+    """A reply decoded by the ReplyBatcher. The event loop reads its text with
+    next_piece() and stops it with close(); `text` and `stopped_by_model` are as in
+    TextStream, and `tokens` holds what TextStream calls `token_ids`."""
+
+    def __init__(self, embeds: torch.Tensor, params: ReplyParams, seed: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(embeds, params.max_new_tokens, loop)
+        self.params = params
+        self.generator = torch.Generator()  # CPU, seeded as TextStream's: the same draws
+        self.generator.manual_seed(seed)
+        self.stopped_by_model = False
+        self.text = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    async def next_piece(self) -> str | None:
+        """The next piece of text ("" while a character is incomplete), or None at the end."""
+        return await self._next()
+
+
+class ReplyBatcher(SlotBatcher):
+    """Voxtral's replies for every call, decoded together: one decode step of the
+    language model for all replies under way (continuous batching on the engine's static
+    cache, CUDA graphs on a GPU). The audio encoder runs once per reply, when it is
+    admitted; its prompt is then prefilled in chunks like any other."""
+
+    def __init__(self, voxtral: "VoxtralModel", slots: int, max_seq_len: int, prefill_chunk: int,
+                 cuda_graphs: bool) -> None:
+        m = voxtral.model
+        super().__init__(StaticLlama(m.model.language_model, m.lm_head.weight, slots, max_seq_len),
+                         prefill_chunk, cuda_graphs)
+        self.voxtral = voxtral
+
+    def admit(self, inputs: dict, params: ReplyParams, seed: int, loop: asyncio.AbstractEventLoop) -> BatchedReply:
+        """A new reply (on the device thread): encodes its audio now; decoding starts at
+        the next step with a free slot."""
+        stream = BatchedReply(self.voxtral.prompt_embeddings(inputs), params, seed, loop)
+        self._enqueue(stream, "a Voxtral prompt")
+        return stream
+
+    def _sample(self, streams: list[BatchedReply], logits: torch.Tensor) -> None:
+        params = [s.params for s in streams]
+        tokens = sample_rows(logits, torch.tensor([p.temperature for p in params], device=logits.device),
+                             torch.tensor([p.top_p for p in params], device=logits.device),
+                             torch.tensor([draw_uniform(s.generator) for s in streams], dtype=torch.float64))
+        now = time.perf_counter()
+        for stream, token in zip(streams, tokens.tolist()):
+            if token == self.voxtral.eos_token_id:
+                stream.stopped_by_model = True
+                stream.finished = True
+                continue
+            stream.first_token_at = stream.first_token_at or now
+            stream.tokens.append(token)
+            stream.next_token = token
+            piece = stream._utf8.decode(self.voxtral.token_bytes(token))
+            stream.text += piece
+            stream._deliver(piece)
+            if len(stream.tokens) >= stream.max_tokens:
+                stream.finished = True
+
+    def _emit(self, streams: list[BatchedReply]) -> None:
+        for stream in streams:
+            if stream.finished:
+                stream._deliver(None)
+                self._release(stream)
 
 
 def prepare_audio(audio: np.ndarray) -> np.ndarray:

@@ -40,6 +40,17 @@ def test_say_streams_raw_pcm_to_stdout():
     assert not p.stdout.startswith(b"RIFF")
 
 
+def test_bench_replies_json():
+    """Voxtral replies at once, single path vs reply engine, on the tiny profile."""
+    p = run("bench", "replies", "--profile", "tiny", "--levels", "1,2", "--tokens", "6", "--json")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    result = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    for variant in ("single", "engine"):
+        assert [lv["replies"] for lv in result[variant]] == [1, 2]
+        assert all(lv["all_tokens_per_s"] > 0 and lv["first_token_ms_p50"] > 0 for lv in result[variant])
+    assert len(result["engine_vs_single_all_tokens_per_s"]) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["say", ""], "text is empty"),
     (["say", "   "], "text is empty"),
@@ -52,6 +63,8 @@ def test_say_streams_raw_pcm_to_stdout():
     (["bench", "tts", "--tokens", "30"], "multiple of 7"),
     (["bench", "streams", "--levels", "1,x"], "numbers separated by commas"),
     (["bench", "streams", "--levels", "16,0"], "between 1 and 1024"),
+    (["bench", "replies", "--tokens", "1"], "between 2 and 4096"),
+    (["bench", "replies", "--levels", "2,a"], "numbers separated by commas"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
     p = run(*args, "--profile", "tiny") if "--profile" not in args else run(*args)

@@ -233,3 +233,92 @@ def test_missing_weights_name_the_model_and_the_way_out(monkeypatch, tmp_path):
     # An id no cache can hold, so a real Voxtral download on this machine is never loaded.
     with pytest.raises(ModelInitializationError, match=r"'voice-agent-tests/no-such-voxtral'.*--profile tiny"):
         VoxtralModel.load("voice-agent-tests/no-such-voxtral", torch.device("cpu"), torch.float32)
+
+
+# -- replies decoded together (ReplyBatcher) ------------------------------------------------
+
+def _reply_batcher(voxtral, slots=2, max_seq_len=1024, prefill_chunk=128):
+    from agent.voxtral import ReplyBatcher
+
+    return ReplyBatcher(voxtral, slots, max_seq_len, prefill_chunk, cuda_graphs=False)
+
+
+async def _drain(batcher, streams, max_steps=500):
+    import asyncio
+
+    pieces = {id(s): [] for s in streams}
+    for _ in range(max_steps):
+        if not batcher.has_work():
+            break
+        batcher.step()
+        await asyncio.sleep(0)
+    for s in streams:
+        while not s.done:
+            piece = await asyncio.wait_for(s.next_piece(), 5)
+            if piece is not None:
+                pieces[id(s)].append(piece)
+    return pieces
+
+
+async def test_batched_replies_give_the_tokens_they_give_alone(voxtral):
+    """Three replies share the decode steps (two slots, so one waits; prompts of about 400
+    positions fed 128 at a time; one joins late, one is shorter and leaves early): each
+    gets exactly the tokens and text of the single path with the same seed."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    batcher = _reply_batcher(voxtral)
+    history = [ChatTurn("user", audio=tone(1.0, 330.0)), ChatTurn("assistant", text="Sure.")]
+    plans = [(tone(1.5), [], "Be brief.", 12, 3), (tone(2.0, 440.0), history, "", 5, 4), (tone(0.5), [], "", 9, 5)]
+    streams = []
+    for i, (audio, hist, instructions, max_new, seed) in enumerate(plans):
+        inputs = voxtral.reply_inputs(audio, hist, instructions)
+        streams.append(batcher.admit(inputs, ReplyParams(max_new_tokens=max_new), seed, loop))
+        for _ in range(3 * i):  # the next reply arrives a few steps later
+            batcher.step()
+    assert len(batcher.waiting) == 1
+    pieces = await _drain(batcher, streams)
+    for stream, (audio, hist, instructions, max_new, seed) in zip(streams, plans):
+        alone = voxtral.reply_stream(audio, hist, instructions, ReplyParams(max_new_tokens=max_new), seed)
+        assert "".join(run(alone)) == "".join(pieces[id(stream)]) == stream.text
+        assert stream.tokens == alone.token_ids and len(stream.tokens) == max_new
+    assert not batcher.has_work() and batcher.active == []
+
+
+async def test_a_closed_batched_reply_leaves_at_the_next_step(voxtral):
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    batcher = _reply_batcher(voxtral, slots=1)
+    inputs = voxtral.reply_inputs(tone(1.0), [], "")
+    first = batcher.admit(inputs, ReplyParams(max_new_tokens=50), 1, loop)
+    second = batcher.admit(inputs, ReplyParams(max_new_tokens=2), 2, loop)
+    for _ in range(8):
+        batcher.step()
+    made = len(first.tokens)
+    assert made > 0 and second.slot is None  # one slot: the second waits
+    first.close()
+    batcher.step()
+    assert first.slot is None and len(first.tokens) == made  # no token after the close
+    assert second.slot == 0  # took the freed slot in the same step
+    await _drain(batcher, [second])
+    assert len(second.tokens) == 2
+
+
+def test_a_prompt_too_long_for_the_reply_engine_takes_the_single_path(models):
+    """open_reply batches a reply when its prompt and longest reply fit a slot, and hands
+    a longer one to the single path rather than failing the turn."""
+    from agent.voxtral import BatchedReply, TextStream
+
+    engine = models.replies
+    models.replies = _reply_batcher(models.voxtral, slots=1, max_seq_len=512)  # not stepped: admit only
+    try:
+        params = ReplyParams(max_new_tokens=4)
+        fits = models.open_reply(tone(1.0), [], "", params, 0, None)  # 375 audio positions + a few
+        assert isinstance(fits, BatchedReply) and fits.prompt.shape[0] + 4 <= 511
+        fits.close()
+        too_long = models.open_reply(tone(35.0), [], "", params, 0, None)  # two 30 s chunks: 750 positions
+        assert isinstance(too_long, TextStream) and too_long.prompt_tokens > 511
+        assert len(run(too_long)) == 4
+    finally:
+        models.replies = engine
