@@ -453,6 +453,9 @@ class SlotBatcher:
         self.waiting: deque[SlotStream] = deque()  # admitted, no slot yet
         self.steps = 0
         self.profile: StepProfile | None = None  # set by the bench (and tests) to see where steps go
+        # True: a prompt is fed whole in one step (at least one per step, more while the
+        # prefill_chunk budget lasts), for a new stream's first token over the others' pace.
+        self.whole_prompts = False
 
     def _enqueue(self, stream: SlotStream, what: str) -> None:
         room = self.llama.scratch - stream.prompt.shape[0]
@@ -532,8 +535,8 @@ class SlotBatcher:
             stream.slot = free
 
     def _prefill(self) -> list:
-        """Feed waiting prompts into the cache, up to prefill_chunk positions this step.
-        Returns the streams whose first token was sampled."""
+        """Feed waiting prompts into the cache, up to prefill_chunk positions this step
+        (or whole prompts: whole_prompts). Returns the streams whose first token was sampled."""
         budget = self.prefill_chunk
         started = []
         for stream in self.active:
@@ -541,7 +544,9 @@ class SlotBatcher:
                 break
             if stream.next_token is not None or stream.finished:
                 continue
-            todo = stream.prompt[stream.prefilled:stream.prefilled + budget]
+            if stream.prefilled == 0:
+                self._prepare(stream)
+            todo = stream.prompt[stream.prefilled:None if self.whole_prompts else stream.prefilled + budget]
             logits = self.llama.prefill(stream.slot, todo, stream.prefilled)
             stream.prefilled += todo.shape[0]
             budget -= todo.shape[0]
@@ -577,6 +582,9 @@ class SlotBatcher:
         return rows
 
     # -- what a subclass adds ------------------------------------------------------------
+
+    def _prepare(self, stream: SlotStream) -> None:
+        """Just before a stream's prefill starts (e.g. encode its audio into `prompt`)."""
 
     def _on_assign(self, slot: int) -> None:
         """A stream takes `slot` (reset per-slot state)."""

@@ -231,9 +231,10 @@ class BatchedReply(SlotStream):
     next_piece() and stops it with close(); `text` and `stopped_by_model` are as in
     TextStream, and `tokens` holds what TextStream calls `token_ids`."""
 
-    def __init__(self, embeds: torch.Tensor, params: ReplyParams, seed: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(embeds, params.max_new_tokens, loop)
+    def __init__(self, inputs: dict, params: ReplyParams, seed: int, loop: asyncio.AbstractEventLoop) -> None:
+        # The prompt is its token ids until ReplyBatcher._prepare makes it the embeddings.
+        super().__init__(inputs["input_ids"][0], params.max_new_tokens, loop)
+        self.inputs: dict | None = inputs
         self.params = params
         self.generator = torch.Generator()  # CPU, seeded as TextStream's: the same draws
         self.generator.manual_seed(seed)
@@ -249,8 +250,8 @@ class BatchedReply(SlotStream):
 class ReplyBatcher(SlotBatcher):
     """Voxtral's replies for every call, decoded together: one decode step of the
     language model for all replies under way (continuous batching on the engine's static
-    cache, CUDA graphs on a GPU). The audio encoder runs once per reply, when it is
-    admitted; its prompt is then prefilled in chunks like any other."""
+    cache, CUDA graphs on a GPU). The audio encoder runs once per reply, as its prefill
+    starts; the prompt is then prefilled in chunks like any other."""
 
     def __init__(self, voxtral: "VoxtralModel", slots: int, max_seq_len: int, prefill_chunk: int,
                  cuda_graphs: bool) -> None:
@@ -258,13 +259,23 @@ class ReplyBatcher(SlotBatcher):
         super().__init__(StaticLlama(m.model.language_model, m.lm_head.weight, slots, max_seq_len),
                          prefill_chunk, cuda_graphs)
         self.voxtral = voxtral
+        # A caller waits for the first words; the replies under way only need to stay ahead
+        # of speech. So each step feeds at least one whole prompt, and a reply's first token
+        # is not held back by the others' decode steps in between.
+        self.whole_prompts = True
 
     def admit(self, inputs: dict, params: ReplyParams, seed: int, loop: asyncio.AbstractEventLoop) -> BatchedReply:
-        """A new reply (on the device thread): encodes its audio now; decoding starts at
-        the next step with a free slot."""
-        stream = BatchedReply(self.voxtral.prompt_embeddings(inputs), params, seed, loop)
+        """A new reply (on the device thread); it starts at the next step with a free slot."""
+        stream = BatchedReply(inputs, params, seed, loop)
         self._enqueue(stream, "a Voxtral prompt")
         return stream
+
+    def _prepare(self, stream: BatchedReply) -> None:
+        """The audio is encoded when the reply's prefill starts, not when it is admitted, so
+        replies arriving together reach their first tokens in turn rather than all after
+        every encoding."""
+        stream.prompt = self.voxtral.prompt_embeddings(stream.inputs)
+        stream.inputs = None
 
     def _sample(self, streams: list[BatchedReply], logits: torch.Tensor) -> None:
         params = [s.params for s in streams]

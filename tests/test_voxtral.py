@@ -260,23 +260,28 @@ async def _drain(batcher, streams, max_steps=500):
     return pieces
 
 
-async def test_batched_replies_give_the_tokens_they_give_alone(voxtral):
+@pytest.mark.parametrize("whole_prompts", [True, False], ids=["whole-prompts", "chunked-prefill"])
+async def test_batched_replies_give_the_tokens_they_give_alone(voxtral, whole_prompts):
     """Three replies share the decode steps (two slots, so one waits; prompts of about 400
-    positions fed 128 at a time; one joins late, one is shorter and leaves early): each
-    gets exactly the tokens and text of the single path with the same seed."""
+    positions fed whole, as the reply engine does, or 128 at a time; one joins late, one is
+    shorter and leaves early): each gets exactly the tokens and text of the single path
+    with the same seed."""
     import asyncio
 
     loop = asyncio.get_running_loop()
     batcher = _reply_batcher(voxtral)
+    assert batcher.whole_prompts
+    batcher.whole_prompts = whole_prompts
     history = [ChatTurn("user", audio=tone(1.0, 330.0)), ChatTurn("assistant", text="Sure.")]
     plans = [(tone(1.5), [], "Be brief.", 12, 3), (tone(2.0, 440.0), history, "", 5, 4), (tone(0.5), [], "", 9, 5)]
     streams = []
     for i, (audio, hist, instructions, max_new, seed) in enumerate(plans):
         inputs = voxtral.reply_inputs(audio, hist, instructions)
         streams.append(batcher.admit(inputs, ReplyParams(max_new_tokens=max_new), seed, loop))
+        if i == 2:
+            assert len(batcher.waiting) == 1  # two slots, both busy
         for _ in range(3 * i):  # the next reply arrives a few steps later
             batcher.step()
-    assert len(batcher.waiting) == 1
     pieces = await _drain(batcher, streams)
     for stream, (audio, hist, instructions, max_new, seed) in zip(streams, plans):
         alone = voxtral.reply_stream(audio, hist, instructions, ReplyParams(max_new_tokens=max_new), seed)
@@ -292,7 +297,7 @@ async def test_a_closed_batched_reply_leaves_at_the_next_step(voxtral):
     batcher = _reply_batcher(voxtral, slots=1)
     inputs = voxtral.reply_inputs(tone(1.0), [], "")
     first = batcher.admit(inputs, ReplyParams(max_new_tokens=50), 1, loop)
-    second = batcher.admit(inputs, ReplyParams(max_new_tokens=2), 2, loop)
+    second = batcher.admit(inputs, ReplyParams(max_new_tokens=5), 2, loop)
     for _ in range(8):
         batcher.step()
     made = len(first.tokens)
@@ -302,7 +307,7 @@ async def test_a_closed_batched_reply_leaves_at_the_next_step(voxtral):
     assert first.slot is None and len(first.tokens) == made  # no token after the close
     assert second.slot == 0  # took the freed slot in the same step
     await _drain(batcher, [second])
-    assert len(second.tokens) == 2
+    assert len(second.tokens) == 5
 
 
 def test_a_prompt_too_long_for_the_reply_engine_takes_the_single_path(models):
