@@ -151,16 +151,24 @@ def random_llama(config, device: torch.device, dtype: torch.dtype):
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+    _randomize(model, device, dtype, config.initializer_range)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers were left unset
+    return model
+
+
+def _randomize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, std: float) -> None:
+    """Give a model built on the meta device real storage on `device` with random weights:
+    normal(0, std) matrices, unit norm scales, zero biases."""
+    model.to_empty(device=device).to(dtype)
     generator = torch.Generator(device=device).manual_seed(WEIGHTS_SEED)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
             else:
-                param.normal_(0.0, config.initializer_range, generator=generator)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers were left on "meta"
-    return model
+                param.normal_(0.0, std, generator=generator)
 
 
 # --- Voxtral (speech understanding) ---------------------------------------------------
@@ -227,6 +235,31 @@ def tiny_voxtral_config(vocab_size: int = 131072):
     )
     return VoxtralConfig(text_config=text, audio_config=audio, audio_token_id=VOXTRAL_AUDIO_TOKEN,
                          projector_hidden_act="gelu")
+
+
+# Voxtral Mini with random weights (profile orpheus-3b-random): transformers' VoxtralConfig
+# defaults are Voxtral-Mini-3B-2507's architecture (a 32-layer, 1280-wide audio encoder;
+# a 30-layer Llama decoder, 3072 wide, 32 query and 8 key/value heads; 4.7 B parameters).
+RANDOM_VOXTRAL_MINI = "random:voxtral-mini"
+
+
+def voxtral_mini_config():
+    from transformers import VoxtralConfig
+
+    return VoxtralConfig(audio_token_id=VOXTRAL_AUDIO_TOKEN)
+
+
+def random_voxtral(config, device: torch.device, dtype: torch.dtype):
+    """A VoxtralForConditionalGeneration with random weights made on `device` (see
+    random_llama): Voxtral's compute for benchmarks, with no download."""
+    from transformers import VoxtralForConditionalGeneration
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device("meta"):
+        model = VoxtralForConditionalGeneration(config)
+    _randomize(model, device, dtype, config.text_config.initializer_range)
+    model.model.language_model.rotary_emb = LlamaRotaryEmbedding(config.text_config).to(device)
+    return model
 
 
 def _save_tiny_voxtral(path: Path) -> None:

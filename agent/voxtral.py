@@ -122,14 +122,21 @@ class VoxtralModel(InProcessModel):
         """Load from a Hub id or a local directory. `check_memory(name, bytes)` may refuse."""
         from transformers import AutoConfig, VoxtralForConditionalGeneration, VoxtralProcessor
 
+        from . import tiny
+
         try:
-            config = AutoConfig.from_pretrained(source)
+            random_mini = source == tiny.RANDOM_VOXTRAL_MINI
+            config = tiny.voxtral_mini_config() if random_mini else AutoConfig.from_pretrained(source)
             if config.model_type != "voxtral":
                 raise ValueError(f"model type is {config.model_type!r}, not 'voxtral'")
             if check_memory is not None:
                 check_memory(f"Voxtral ({source})", estimate_voxtral_bytes(config, dtype))
-            processor = VoxtralProcessor.from_pretrained(source)
-            model = VoxtralForConditionalGeneration.from_pretrained(source, dtype=dtype)
+            if random_mini:  # the real architecture with random weights: benchmarks, no download
+                processor = VoxtralProcessor.from_pretrained(str(tiny.tiny_voxtral_dir()))  # the real Tekken
+                model = tiny.random_voxtral(config, device, dtype)
+            else:
+                processor = VoxtralProcessor.from_pretrained(source)
+                model = VoxtralForConditionalGeneration.from_pretrained(source, dtype=dtype)
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...

@@ -3,18 +3,25 @@
 # GPU machines our workplace lends: the packages those lack travel along as wheels.
 #
 #   bash bench/gpu.sh fetch            here: wheels for Python 3.12 into .whl/ (git-ignored)
-#   bash bench/gpu.sh run tts|streams  there, in the repository root, with .whl/ beside it;
+#   bash bench/gpu.sh run tts|streams|replies
+#                                      there, in the repository root, with .whl/ beside it;
 #                                      results (JSON, logs, nvidia-smi) go to $OUT (or bench/out)
 #   bash bench/gpu.sh run check        there: the test that CUDA graph replay matches eager steps
 #
 # The GPU machine must have Python 3.12 with torch (CUDA), numpy, tokenizers,
-# huggingface_hub, safetensors, tiktoken and einops; only the packages below are added.
+# huggingface_hub, safetensors, tiktoken, einops, pillow and requests (as the device tool's
+# image has); only the packages below are added.
 # Each run takes a few minutes (the 3B model is made with random weights on the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Versions the test suite runs with (transformers' own checks need regex >= 2025.10.22).
 WHEELS="transformers==5.23.0 snac==1.2.1 llama-models==0.3.0 regex==2026.11.15"
+# Voxtral's processor (bench replies): mistral-common and what it needs beyond the image.
+WHEELS="$WHEELS mistral-common==1.13.1 pydantic==2.14.3 pydantic-core==2.50.4 pydantic-extra-types==2.11.1
+    annotated-types==0.8.0 typing-inspection==0.4.5 pycountry==26.2.16 jsonschema==4.26.0
+    jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 soundfile==0.14.0
+    soxr==1.1.0 cffi==2.1.1 pycparser==3.12 attrs==26.1.0"
 PROFILE="${PROFILE:-orpheus-3b-random}"
 
 case "${1:-}" in
@@ -22,14 +29,15 @@ fetch)
     rm -rf .whl && mkdir -p .whl
     for wheel in $WHEELS; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
             -d .whl "$wheel"
     done
     ls -l .whl
     ;;
 run)
     what="${2:-}"
-    case "$what" in tts|streams|check) ;; *) echo "usage: bench/gpu.sh run tts|streams|check" >&2; exit 2 ;; esac
+    case "$what" in tts|streams|replies|check) ;; *) echo "usage: bench/gpu.sh run tts|streams|replies|check" >&2; exit 2 ;; esac
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     out="${OUT:-bench/out}"
@@ -45,7 +53,7 @@ run)
     cat "$out/$what.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh fetch | run tts|streams [bench options] | run check" >&2
+    echo "usage: bench/gpu.sh fetch | run tts|streams|replies [bench options] | run check" >&2
     exit 2
     ;;
 esac

@@ -327,3 +327,32 @@ def test_a_prompt_too_long_for_the_reply_engine_takes_the_single_path(models):
         assert len(run(too_long)) == 4
     finally:
         models.replies = engine
+
+
+def test_random_voxtral_mini_is_the_real_architecture_and_runs(voxtral):
+    """The orpheus-3b-random profile's Voxtral: VoxtralConfig's defaults (Voxtral Mini) with
+    our tekken's audio id; the random-weight builder makes a model that answers (checked on
+    the tiny config: the 4.7 B one would take 19 GB of RAM in float32)."""
+    from agent.tiny import random_voxtral, tiny_voxtral_config, voxtral_mini_config
+
+    mini = voxtral_mini_config()
+    assert mini.audio_token_id == AUDIO and mini.text_config.num_hidden_layers == 30
+    assert mini.text_config.hidden_size == 3072 and mini.audio_config.num_hidden_layers == 32
+    assert 9.0e9 < estimate_voxtral_bytes(mini, torch.bfloat16) < 9.8e9
+    model = random_voxtral(tiny_voxtral_config(), torch.device("cpu"), torch.float32)
+    assert all(torch.isfinite(p).all() and p.device.type == "cpu" for p in model.parameters())
+    rotary = model.model.language_model.rotary_emb.inv_freq
+    assert rotary.device.type == "cpu" and torch.isfinite(rotary).all() and rotary[0] == 1.0
+    randomized = VoxtralModel(model.eval(), voxtral.processor, "random:test")
+    stream = randomized.reply_stream(tone(1.0), [], "", ReplyParams(max_new_tokens=3), seed=0)
+    assert len(run(stream)) == 3
+    # The profile's source goes through the memory check with Voxtral Mini's size first.
+    asked = []
+
+    def refuse(name, needed):
+        asked.append((name, needed))
+        raise InsufficientVRAMError(f"{name} needs {needed} bytes")
+
+    with pytest.raises(InsufficientVRAMError, match="random:voxtral-mini"):
+        VoxtralModel.load("random:voxtral-mini", torch.device("cpu"), torch.bfloat16, check_memory=refuse)
+    assert asked[0][1] == estimate_voxtral_bytes(mini, torch.bfloat16)
