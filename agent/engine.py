@@ -70,6 +70,18 @@ class DeviceThread:
         """Run fn(*args) on the device thread and return its result (or raise its error)."""
         return await asyncio.wrap_future(self.submit(fn, *args))
 
+    async def open(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """run() for a function that starts something with a close() (a stream): if the
+        caller is cancelled (barge-in, hang-up) before the result arrives, the result is
+        closed when it does, so no stream is left running with nobody reading it."""
+        future = self.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel():  # already running (or done): close what it returns
+                future.add_done_callback(_close_result)
+            raise
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         if self._stopped:
             raise RuntimeError("the device thread has stopped")
@@ -120,6 +132,11 @@ class DeviceThread:
             self._stopped = True
             self._jobs.put(_STOP)
             self._thread.join()
+
+
+def _close_result(future: concurrent.futures.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 # -- the model step ---------------------------------------------------------------------
@@ -372,7 +389,10 @@ class SlotStream:
 
     def _deliver(self, item: Any) -> None:
         if not self.cancelled:
-            self.loop.call_soon_threadsafe(self._out.put_nowait, item)
+            try:
+                self.loop.call_soon_threadsafe(self._out.put_nowait, item)
+            except RuntimeError:  # its event loop has closed: nobody is reading any more
+                self.cancelled = True
 
     async def _next(self) -> Any:
         """The next item delivered, or None at the end (then `done` is set)."""

@@ -400,9 +400,9 @@ class CallSession:
         device = self.models.device_thread
         stream = None
         try:
-            stream = await device.run(self.models.open_reply, _to_float(audio), self.history,
-                                      self.settings.session.instructions, params, self.seed + record.index,
-                                      asyncio.get_running_loop())
+            stream = await device.open(self.models.open_reply, _to_float(audio), self.history,
+                                       self.settings.session.instructions, params, self.seed + record.index,
+                                       asyncio.get_running_loop())
             while (piece := await (stream.next_piece() if isinstance(stream, BatchedReply)
                                    else device.run(stream.step))) is not None:
                 if record.t_first_token is None:

@@ -195,8 +195,8 @@ class TTSServiceDirect:
     async def _speak(self, sentence: str, voice: str, seed: int, m: RequestMetrics) -> AsyncIterator[np.ndarray]:
         params = self.sampling_params()
         # Tokenizing the prompt is model work too: it runs on the device thread.
-        stream = await self.device_thread.run(self.open_stream, sentence, voice, seed, params,
-                                              asyncio.get_running_loop())
+        stream = await self.device_thread.open(self.open_stream, sentence, voice, seed, params,
+                                               asyncio.get_running_loop())
         try:
             while not stream.done:
                 if isinstance(stream, BatchedStream):

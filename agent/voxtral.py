@@ -258,7 +258,7 @@ class ReplyBatcher(SlotBatcher):
     """Voxtral's replies for every call, decoded together: one decode step of the
     language model for all replies under way (continuous batching on the engine's static
     cache, CUDA graphs on a GPU). The audio encoder runs once per reply, as its prefill
-    starts; the prompt is then prefilled in chunks like any other."""
+    starts; the prompt is then fed whole (`whole_prompts`)."""
 
     def __init__(self, voxtral: "VoxtralModel", slots: int, max_seq_len: int, prefill_chunk: int,
                  cuda_graphs: bool) -> None:

@@ -212,6 +212,55 @@ async def test_new_stream_first_audio_goes_before_streams_ahead(tts_models):
     await run_until_done(batcher, [new])
 
 
+async def test_a_stream_opened_for_a_cancelled_caller_is_closed(tts_models):
+    """A barge-in can cancel the task that is waiting for its stream to open: the stream
+    the device thread then returns is closed, and leaves the batch at the next step."""
+    import threading
+
+    orpheus = tts_models[0]
+    thread = DeviceThread()
+    batcher = make_batcher(tts_models)
+    thread.attach(batcher)
+    started, release = threading.Event(), threading.Event()
+
+    admitted = []
+
+    def slow_admit(*args):
+        started.set()
+        release.wait(5)  # the caller is cancelled meanwhile
+        admitted.append(batcher.admit(*args))
+        return admitted[-1]
+
+    try:
+        loop = asyncio.get_running_loop()
+        params = SamplingParams(max_tokens=140)
+        task = asyncio.create_task(thread.open(slow_admit, orpheus.prompt_ids("tara", TEXTS[0]), params, 1, loop))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        for _ in range(200):  # the orphan is closed and dropped within a step or two
+            if await thread.run(lambda: not batcher.has_work()):
+                break
+            await asyncio.sleep(0.01)
+        assert not batcher.has_work()
+        assert admitted[0].cancelled and len(admitted[0].tokens) < 140  # closed, not run to its end
+    finally:
+        thread.shutdown()
+
+
+def test_delivery_to_a_closed_event_loop_cancels_only_that_stream(tts_models):
+    orpheus = tts_models[0]
+    batcher = make_batcher(tts_models)
+    gone = asyncio.new_event_loop()
+    gone.close()
+    stream = batcher.admit(orpheus.prompt_ids("tara", TEXTS[1]), SamplingParams(max_tokens=70), 1, gone)
+    for _ in range(30):
+        batcher.step()  # no error reaches the step
+    assert stream.cancelled and not batcher.has_work()
+
+
 async def test_device_thread_runs_jobs_between_steps(tts_models):
     """Jobs queued while streams are active run before the next step; the streams finish."""
     orpheus = tts_models[0]
