@@ -67,6 +67,7 @@ class EngineSettings:
     cuda_graphs: bool
     reply_slots: int
     reply_max_seq_len: int
+    reply_prefill_chunk: int
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ _RANGES = {
     "engine.defer_lead_s": (0.0, 600.0),
     "engine.reply_slots": (1, 4096),
     "engine.reply_max_seq_len": (64, 131_072),
+    "engine.reply_prefill_chunk": (16, 131_072),
     "voxtral.temperature": (0.0, 10.0),
     "voxtral.top_p": (1e-6, 1.0),
     "voxtral.max_new_tokens": (1, 100_000),

@@ -121,7 +121,7 @@ class UnifiedModelManager:
         log.info("preparing the reply engine: %d replies x %d tokens (%.0f MiB KV cache)...",
                  e.reply_slots, e.reply_max_seq_len, need / 2**20)
         batcher = self._measured("replies", lambda: ReplyBatcher(
-            voxtral, e.reply_slots, e.reply_max_seq_len, e.prefill_chunk, e.cuda_graphs))
+            voxtral, e.reply_slots, e.reply_max_seq_len, e.reply_prefill_chunk, e.cuda_graphs))
         self.device_thread.attach(batcher)
         return batcher
 

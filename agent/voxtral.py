@@ -267,8 +267,9 @@ class ReplyBatcher(SlotBatcher):
                          prefill_chunk, cuda_graphs)
         self.voxtral = voxtral
         # A caller waits for the first words; the replies under way only need to stay ahead
-        # of speech. So each step feeds at least one whole prompt, and a reply's first token
-        # is not held back by the others' decode steps in between.
+        # of speech. So each step feeds whole prompts (at least one, more while prefill_chunk
+        # lasts: engine.reply_prefill_chunk), and a reply's first token is not held back by
+        # the others' decode steps in between.
         self.whole_prompts = True
 
     def admit(self, inputs: dict, params: ReplyParams, seed: int, loop: asyncio.AbstractEventLoop) -> BatchedReply:
