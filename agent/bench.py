@@ -334,7 +334,7 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
     first token. The callers' audio is a 2 s tone: with random weights only the compute
     matters. Replies run to `tokens` unless the model ends them sooner."""
     from .models import UnifiedModelManager
-    from .voxtral import BatchedReply, ReplyParams, TextStream
+    from .voxtral import ReplyParams
 
     levels = sorted(set(levels or REPLY_LEVELS))
     settings = settings.replace("engine", reply_slots=levels[-1])
@@ -351,12 +351,10 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
         if batched:
             stream = await device.run(models.open_reply, audio, [], "", params, seed, asyncio.get_running_loop())
         else:
-            inputs = await device.run(models.voxtral.reply_inputs, audio, [], "")
-            stream = TextStream(models.voxtral, inputs, params, seed)
+            stream = await device.run(models.voxtral.reply_stream, audio, [], "", params, seed)
         times = []
         try:
-            while await (stream.next_piece() if isinstance(stream, BatchedReply)
-                         else device.run(stream.step)) is not None:
+            while await models.next_reply_piece(stream) is not None:
                 times.append(time.perf_counter())
         finally:
             stream.close()

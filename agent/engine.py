@@ -31,7 +31,7 @@ import torch
 from .errors import AudioGenerationError
 from .orpheus import (AUDIO_BASE, AUDIO_IDS, END_OF_SPEECH, EOS_COLUMN, FrameAssembler, SamplingParams,
                       column_to_token, sample_audio, stream_generator)
-from .generation import draw_uniform
+from .generation import draw_uniform, head_dim
 from .snac_codec import StreamingSNACDecoder, decode_batch
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class StaticLlama:
         self.slots = slots
         self.max_len = max_len
         self.scratch = max_len - 1
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         self.device, self.dtype = head.device, head.dtype
         shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -176,8 +176,7 @@ class StaticLlama:
 
     @staticmethod
     def cache_bytes(config, slots: int, max_len: int, dtype: torch.dtype) -> int:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config)
         return per_token * slots * max_len * torch.finfo(dtype).bits // 8
 
     def _blocks(self, h: torch.Tensor, positions: torch.Tensor, write: Callable, read: Callable,
@@ -386,6 +385,14 @@ class SlotStream:
     def context_len(self) -> int:
         """Positions in the cache once the pending input is written."""
         return self.prompt.shape[0] + len(self.tokens)
+
+    def _take(self, token: int, now: float) -> None:
+        """The token sampled for this stream (not its end token): the next step's input."""
+        self.first_token_at = self.first_token_at or now
+        self.tokens.append(token)
+        self.next_token = token
+        if len(self.tokens) >= self.max_tokens:
+            self.finished = True
 
     def _deliver(self, item: Any) -> None:
         if not self.cancelled:
@@ -657,7 +664,6 @@ class SpeechBatcher(SlotBatcher):
                  defer_lead_s: float, snac_mode: str, max_frames_per_window: int, cuda_graphs: bool) -> None:
         llama = StaticLlama(orpheus.model.model, audio_head(orpheus.model), max_streams, max_seq_len)
         super().__init__(llama, prefill_chunk, cuda_graphs)
-        self.orpheus = orpheus
         self.snac = snac
         self.defer_lead_s = defer_lead_s
         self.snac_mode = snac_mode
@@ -698,14 +704,10 @@ class SpeechBatcher(SlotBatcher):
             if column == EOS_COLUMN:
                 stream.finished = True
                 continue
-            stream.first_token_at = stream.first_token_at or now
-            stream.tokens.append(token)
-            stream.next_token = token
+            stream._take(token, now)
             frame = stream.assembler.push(token)
             if frame is not None:
                 stream.decoder.add(frame)
-            if stream.position >= stream.max_tokens:
-                stream.finished = True
 
     def _emit(self, streams: list[BatchedStream]) -> None:
         """Decode the SNAC windows now due, first audio before streams far ahead."""

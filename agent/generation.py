@@ -126,13 +126,18 @@ def load_failure(what: str, source: str, e: BaseException) -> ModelInitializatio
         "To run without downloaded weights, use --profile tiny.")
 
 
+def head_dim(config) -> int:
+    """A Llama config's attention head size (hidden / heads unless the config says)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def estimate_llama_bytes(config, dtype: torch.dtype) -> int:
     """Bytes of a Llama model's weights, from its config alone (nothing is loaded)."""
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    d = head_dim(config)
+    attention = h * heads * d * 2 + h * kv * d * 2
     per_layer = attention + 3 * h * i + 2 * h
     embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     params = n * per_layer + embeddings + h

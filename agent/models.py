@@ -96,32 +96,35 @@ class UnifiedModelManager:
 
     def _batcher(self, orpheus, snac):
         """The continuous-batching engine for speech, with its static KV cache."""
-        from .engine import SpeechBatcher, StaticLlama
+        from .engine import SpeechBatcher
 
-        e = self.settings.engine
-        need = StaticLlama.cache_bytes(orpheus.model.config, e.max_streams, e.max_seq_len, orpheus.dtype)
-        self.memory.check("the speech engine's KV cache (engine.max_streams x engine.max_seq_len)", need)
-        log.info("preparing the speech engine: %d streams x %d tokens (%.0f MiB KV cache)...",
-                 e.max_streams, e.max_seq_len, need / 2**20)
-        batcher = self._measured("engine", lambda: SpeechBatcher(
-            orpheus, snac, e.max_streams, e.max_seq_len, e.prefill_chunk, e.defer_lead_s,
-            self.settings.snac.decoder_mode, self.settings.snac.max_frames_per_window, e.cuda_graphs))
-        self.device_thread.attach(batcher)
-        return batcher
+        e, snac_settings = self.settings.engine, self.settings.snac
+        return self._engine(
+            "engine", "the speech engine's KV cache (engine.max_streams x engine.max_seq_len)",
+            orpheus.model.config, orpheus.dtype, e.max_streams, e.max_seq_len,
+            lambda: SpeechBatcher(orpheus, snac, e.max_streams, e.max_seq_len, e.prefill_chunk, e.defer_lead_s,
+                                  snac_settings.decoder_mode, snac_settings.max_frames_per_window, e.cuda_graphs))
 
     def _reply_batcher(self, voxtral):
         """Continuous batching of Voxtral's replies, with its static KV cache."""
-        from .engine import StaticLlama
         from .voxtral import ReplyBatcher
 
         e = self.settings.engine
-        need = StaticLlama.cache_bytes(voxtral.model.config.text_config, e.reply_slots, e.reply_max_seq_len,
-                                       voxtral.dtype)
-        self.memory.check("the reply engine's KV cache (engine.reply_slots x engine.reply_max_seq_len)", need)
-        log.info("preparing the reply engine: %d replies x %d tokens (%.0f MiB KV cache)...",
-                 e.reply_slots, e.reply_max_seq_len, need / 2**20)
-        batcher = self._measured("replies", lambda: ReplyBatcher(
-            voxtral, e.reply_slots, e.reply_max_seq_len, e.reply_prefill_chunk, e.cuda_graphs))
+        return self._engine(
+            "replies", "the reply engine's KV cache (engine.reply_slots x engine.reply_max_seq_len)",
+            voxtral.model.config.text_config, voxtral.dtype, e.reply_slots, e.reply_max_seq_len,
+            lambda: ReplyBatcher(voxtral, e.reply_slots, e.reply_max_seq_len, e.reply_prefill_chunk, e.cuda_graphs))
+
+    def _engine(self, key: str, cache: str, config, dtype: torch.dtype, slots: int, max_len: int,
+                build: Callable[[], Any]):
+        """Check memory for a batcher's static KV cache, build the batcher (its memory
+        measured under `key`) and attach it to the device thread."""
+        from .engine import StaticLlama
+
+        need = StaticLlama.cache_bytes(config, slots, max_len, dtype)
+        self.memory.check(cache, need)
+        log.info("preparing %s: %d slots x %d tokens (%.0f MiB)...", cache, slots, max_len, need / 2**20)
+        batcher = self._measured(key, build)
         self.device_thread.attach(batcher)
         return batcher
 
@@ -139,6 +142,15 @@ class UnifiedModelManager:
             log.info("a prompt of %d tokens leaves no room for a reply in engine.reply_max_seq_len (%d): "
                      "answered by the single path", prompt, self.settings.engine.reply_max_seq_len)
         return TextStream(self.voxtral, inputs, params, seed)
+
+    async def next_reply_piece(self, stream) -> str | None:
+        """The next piece of a reply from open_reply (None at its end): a BatchedReply is
+        filled by the reply engine; a TextStream takes one device-thread step per piece."""
+        from .voxtral import BatchedReply
+
+        if isinstance(stream, BatchedReply):
+            return await stream.next_piece()
+        return await self.device_thread.run(stream.step)
 
     def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any],
                             check: Callable[[Any], None] | None = None) -> Any:

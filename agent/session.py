@@ -32,7 +32,7 @@ from .echo import EchoGuard
 from .models import UnifiedModelManager
 from .vad import RATE as IN_RATE
 from .vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
-from .voxtral import BatchedReply, ChatTurn, ReplyParams
+from .voxtral import ChatTurn, ReplyParams
 
 log = logging.getLogger(__name__)
 OUT_RATE = 24000
@@ -403,8 +403,7 @@ class CallSession:
             stream = await device.open(self.models.open_reply, _to_float(audio), self.history,
                                        self.settings.session.instructions, params, self.seed + record.index,
                                        asyncio.get_running_loop())
-            while (piece := await (stream.next_piece() if isinstance(stream, BatchedReply)
-                                   else device.run(stream.step))) is not None:
+            while (piece := await self.models.next_reply_piece(stream)) is not None:
                 if record.t_first_token is None:
                     record.t_first_token = self.now()
                 record.reply_text += piece

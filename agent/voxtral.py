@@ -296,14 +296,10 @@ class ReplyBatcher(SlotBatcher):
                 stream.stopped_by_model = True
                 stream.finished = True
                 continue
-            stream.first_token_at = stream.first_token_at or now
-            stream.tokens.append(token)
-            stream.next_token = token
+            stream._take(token, now)
             piece = stream._utf8.decode(self.voxtral.token_bytes(token))
             stream.text += piece
             stream._deliver(piece)
-            if len(stream.tokens) >= stream.max_tokens:
-                stream.finished = True
 
     def _emit(self, streams: list[BatchedReply]) -> None:
         for stream in streams:
