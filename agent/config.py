@@ -116,6 +116,14 @@ class ServerSettings:
     sip_port: int
     max_calls: int
     max_body_kb: int
+    connect_timeout_s: float
+    media_timeout_s: float
+    max_unconfirmed_per_source: int
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    max_input_s: float
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ class Settings:
     echo: EchoSettings
     session: SessionSettings
     server: ServerSettings
+    run: RunSettings
     monitor: MonitorSettings
 
     def replace(self, section: str, **changes: Any) -> "Settings":
@@ -159,6 +168,7 @@ SECTIONS: dict[str, type] = {
     "echo": EchoSettings,
     "session": SessionSettings,
     "server": ServerSettings,
+    "run": RunSettings,
     "monitor": MonitorSettings,
 }
 
@@ -210,6 +220,10 @@ _RANGES = {
     "server.sip_port": (0, 65535),
     "server.max_calls": (1, 10_000),
     "server.max_body_kb": (1, 100_000),
+    "server.connect_timeout_s": (1.0, 600.0),
+    "server.media_timeout_s": (1.0, 3600.0),
+    "server.max_unconfirmed_per_source": (1, 10_000),
+    "run.max_input_s": (1.0, 86_400.0),
     "monitor.ttft_ms_target": (0.0, None),
     "monitor.ttfa_ms_target": (0.0, None),
     "monitor.rtf_target": (0.0, None),
