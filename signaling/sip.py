@@ -39,6 +39,7 @@ from agent.session import OUT_RATE, CallSession
 
 from .rtp import RtpSession
 from .sdp import Codec, NoCommonCodec, SdpError, answer_audio, parse_sdp
+from .slots import CallSlots
 from .sip_message import (SipMessage, SipParseError, UnsupportedUriScheme, UnsupportedVersion, canonical_name,
                           make_response, parse_message, parse_name_addr, parse_uri, response_address,
                           set_received_rport, split_top)
@@ -127,8 +128,11 @@ class SipEndpoint(asyncio.DatagramProtocol):
     INVITE gets (_new_invite)."""
 
     def __init__(self, models: UnifiedModelManager, settings: Settings, host: str, port: int,
-                 advertise: str | None = None, allow_from: set[str] | None = None, voice: str | None = None) -> None:
+                 advertise: str | None = None, allow_from: set[str] | None = None, voice: str | None = None,
+                 slots: CallSlots | None = None) -> None:
         self.models = models
+        # The process's call slots, shared with the other transports (serve passes the app's).
+        self.slots = slots if slots is not None else CallSlots(settings.server.max_calls)
         self.settings = settings
         self.host = host
         self.port = port
@@ -306,6 +310,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         if call.ended:
             return None
         call.ended, call.end_reason = True, reason
+        self.slots.release(f"sip:{id(call)}")  # at once: the BYE dance needs no slot
         for task in call.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
@@ -401,8 +406,8 @@ class SipServer(SipEndpoint):
 
     def __init__(self, models: UnifiedModelManager, settings: Settings, host: str, port: int,
                  advertise: str | None = None, allow_from: set[str] | None = None, ring_s: float = 0.0,
-                 voice: str | None = None) -> None:
-        super().__init__(models, settings, host, port, advertise, allow_from, voice)
+                 voice: str | None = None, slots: CallSlots | None = None) -> None:
+        super().__init__(models, settings, host, port, advertise, allow_from, voice, slots)
         self.ring_s = ring_s
 
     async def _new_invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
@@ -410,7 +415,7 @@ class SipServer(SipEndpoint):
             self._respond(msg, addr, 503, reason="Service Unavailable (the models are still loading)",
                           headers=[("Retry-After", "10")])
             return
-        if len(self.calls) >= self.settings.server.max_calls:
+        if not self.slots.free:  # taken below, when the call is made (no await in between)
             self._respond(msg, addr, 486, reason="Busy Here (call limit reached)")
             return
         content_type = (msg.header("Content-Type") or "").split(";")[0].strip().lower()
@@ -429,6 +434,7 @@ class SipServer(SipEndpoint):
             return
         call = SipCall(_inbound_dialog(msg, addr), msg, self, source=addr)
         self.calls[call.call_id] = call
+        self.slots.take(f"sip:{id(call)}", "sip")  # keyed by the call object: Call-IDs are the peer's choice
         self._respond(msg, addr, 100)
         self._respond(msg, addr, 180, to_tag=call.local_tag)
         if self.ring_s:
