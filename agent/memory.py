@@ -35,12 +35,14 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that support it, float16 on other GPUs, float32 on the CPU."""
+    """bfloat16 on GPUs that run it natively, float16 on other GPUs, float32 on the CPU."""
     if setting != "auto":
         return getattr(torch, setting)
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # The default (including_emulation=True) also says yes on GPUs that only emulate
+    # bf16 (T4, V100: compute capability < 8), where it is many times slower than fp16.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def available_ram() -> tuple[int, int]:

@@ -99,3 +99,18 @@ def test_monitor_warns_on_missed_targets_and_reports(caplog):
     assert report["requests"] == 2
     assert report["missed"] == {"ttft_ms": 1, "ttfa_ms": 1, "rtf": 1}
     assert report["ttfa_ms"]["p50"] == pytest.approx(500, abs=1)
+
+
+@pytest.mark.parametrize("native, expected", [(False, torch.float16), (True, torch.bfloat16)])
+def test_auto_dtype_uses_float16_where_bf16_is_only_emulated(monkeypatch, native, expected):
+    """A T4 or V100 (compute capability 7.x) emulates bf16: torch's is_bf16_supported()
+    says yes by default and no with including_emulation=False."""
+    from agent.memory import resolve_dtype
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16  # an explicit choice stands
