@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--local-host", metavar="H",
                       help="this host's IP address to call from (default: the one the route to HOST uses)")
 
+    models = sub.add_parser("models", parents=[common],
+                            help="each model of the profile: source, size, cached, reachable and accessible")
+    models.add_argument("--download", action="store_true",
+                        help="download every model that is not fully cached (progress on stderr)")
+    models.add_argument("--json", action="store_true", help="print one JSON object")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     snac = bench_sub.add_parser("snac", parents=[common], help="streaming SNAC decoder: baseline vs default mode")
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args, settings)
         if args.command == "call":
             return cmd_call(args, settings)
+        if args.command == "models":
+            return cmd_models(args, settings)
         if args.command == "bench" and args.bench == "snac":
             return cmd_bench_snac(args, settings)
         if args.command == "bench" and args.bench == "pipeline":
@@ -148,6 +156,7 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
         raise InputError(f"unknown voice {args.voice!r}; choose from: {', '.join(settings.tts.voices)}")
     if not to_stdout:
         _check_writable(args.output)
+    _preflight(settings, listen=False)
 
     if args.seed is not None:
         import torch
@@ -210,6 +219,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     caller_24k = read_audio(args.input, OUT_RATE)
     if args.output:
         _check_writable(args.output)
+    _preflight(settings)
     if args.seed is not None:
         import torch
 
@@ -247,6 +257,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
     if not 0 <= sip_port < 65536:
         raise InputError(f"--sip-port must be between 0 (off) and 65535, got {sip_port}")
+    _preflight(settings)
     serve(settings, host, port, sip_port)
     return 0
 
@@ -263,6 +274,7 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     if args.max_seconds is not None and not args.max_seconds > 0:
         raise InputError(f"--max-seconds must be positive, got {args.max_seconds}")
     local_host = check_local_host(args.local_host) if args.local_host else local_address_for(peer)
+    _preflight(settings)
 
     async def run() -> None:
         stop = asyncio.Event()  # Ctrl-C or SIGTERM: hang up (or stop ringing) and exit
@@ -279,6 +291,31 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         models.unload()
     return 0
+
+
+def _preflight(settings: Settings, listen: bool = True) -> None:
+    """Stop at once (ModelInitializationError, exit 1) when a model cannot be had: gated,
+    unknown, no network, not cached. Nothing is downloaded or loaded before this."""
+    from .preflight import require_models
+
+    require_models(settings, listen)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    """voice-agent models [--download]: exit 0 when every model can be loaded, else 1."""
+    from .preflight import check_models, download, report_lines
+
+    checks = check_models(settings)
+    if args.download:
+        download(checks)
+        checks = check_models(settings)
+    ok = all(c.ok for c in checks)
+    if args.json:
+        print(json.dumps({"profile": settings.profile, "ok": ok, "models": [c.to_dict() for c in checks]}))
+    else:
+        print(f"profile {settings.profile}:")
+        print("\n".join(report_lines(checks)))
+    return 0 if ok else 1
 
 
 def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
