@@ -192,6 +192,7 @@ def _check_hub(check: ModelCheck, hub: Hub) -> ModelCheck:
     local = [str(f.relative_to(snapshot)) for f in snapshot.rglob("*") if f.is_file()] if snapshot else []
     listed: list[str] | None = None
     sizes: dict[str, int] = {}
+    missing = 0
     error: BaseException | None = None
     if not hub.offline:
         try:
@@ -205,7 +206,11 @@ def _check_hub(check: ModelCheck, hub: Hub) -> ModelCheck:
     if listed is not None:  # the Hub's listing says what a complete copy is
         check.files = listed
         check.size_bytes = sum(sizes[n] for n in listed)
-        check.cached = snapshot is not None and all((snapshot / n).is_file() for n in listed)
+        # Complete when the config and every weight file are there: transformers leaves out
+        # small files it does not read (Voxtral's params.json), so those do not count.
+        needed = [n for n in listed if n == "config.json" or n.endswith((".safetensors", ".bin", ".index.json"))]
+        check.cached = snapshot is not None and all((snapshot / n).is_file() for n in needed)
+        missing = sum(sizes[n] for n in listed if snapshot is None or not (snapshot / n).is_file())
     else:  # offline: a complete copy has its config and every weight shard
         check.files = wanted_files(local)
         check.cached = snapshot is not None and "config.json" in local and _weights_complete(snapshot, local)
@@ -215,7 +220,7 @@ def _check_hub(check: ModelCheck, hub: Hub) -> ModelCheck:
     if error is None and not hub.offline:
         check.status = "cached" if check.cached else "available"
         if not check.cached:
-            check.note = f"downloads {format_size(check.size_bytes)} on first use (voice-agent models --download)"
+            check.note = f"downloads {format_size(missing)} on first use (voice-agent models --download)"
         return check
     status, cause = _hub_problem(check, hub, error)
     if check.cached:  # transformers loads a complete cached copy without the Hub

@@ -223,6 +223,8 @@ def test_download_fetches_what_is_loaded_and_the_cache_then_passes_offline(fake_
     assert sorted(p.name for p in snapshot.iterdir()) == wanted_files(REPOS[SHARDED])  # no consolidated, no original/
     after = check_model("Voxtral", "voxtral.model", SHARDED, hub)
     assert after.status == "cached" and after.cached and after.ok
+    (snapshot / "params.json").unlink()  # a small file transformers does not read: still complete
+    assert check_model("Voxtral", "voxtral.model", SHARDED, hub).cached
 
     offline = Hub(cache_dir=str(tmp_path), offline=True, token="")
     for repo in (SHARDED, OPEN):
