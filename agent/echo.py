@@ -79,9 +79,14 @@ class _Timeline:
         if end <= self.base:
             return
         if end - self.base > len(self.buf):  # slide: keep the last `keep` samples before `end`
-            drop = min(end - self.keep - self.base, len(self.buf))
-            self.buf[:len(self.buf) - drop] = self.buf[drop:]
-            self.buf[len(self.buf) - drop:] = 0
+            drop = end - self.keep - self.base
+            if drop >= len(self.buf):
+                # A write past all that is held (playback resumed after a long pause, e.g. the
+                # next reply): nothing held is kept, the timeline starts over at the new base.
+                self.buf[:] = 0
+            else:
+                self.buf[:len(self.buf) - drop] = self.buf[drop:]
+                self.buf[len(self.buf) - drop:] = 0
             self.base += drop
         lo = max(pos, self.base)
         self.buf[lo - self.base:end - self.base] = x[lo - pos:]

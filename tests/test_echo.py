@@ -22,7 +22,7 @@ from aiortc.jitterbuffer import JitterFrame
 
 from agent.audio import Resampler, read_audio
 from agent.config import load_settings
-from agent.echo import EchoGuard
+from agent.echo import EchoGuard, _Timeline
 from agent.headless import VirtualClock
 from agent.session import CallerSpeechStarted, CallSession
 from agent.vad import SpeechStarted, Utterance, VADSegmenter
@@ -197,6 +197,36 @@ def test_the_guard_is_transparent_when_the_agent_is_quiet(tiny_settings, questio
         guard.received(FRAME)
         out, may = guard.process(frame)
         assert may and np.array_equal(out, frame)
+
+
+def test_the_timeline_takes_a_write_far_past_what_it_holds():
+    line = _Timeline(keep=100)
+    line.write(0, np.ones(150, np.float32))
+    line.write(10_000, np.full(50, 2.0, np.float32))  # far past the end: it starts over there
+    assert line.read(10_000, 50).tolist() == [2.0] * 50
+    assert not line.read(0, 150).any() and not line.read(9_900, 100).any()
+    line.write(10_030, np.full(300, 3.0, np.float32))  # longer than it keeps: the last `keep` samples
+    assert line.read(10_230, 100).tolist() == [3.0] * 100
+
+
+def test_the_guard_takes_replies_further_apart_than_its_buffer(tiny_settings, reply_24k):
+    """A conversation: reply, a long pause (the caller asks the next question), reply again.
+    The second reply starts far past the end of the played timeline's buffer."""
+    guard = EchoGuard(tiny_settings.echo, FRAME)
+    gap_s = 3 * len(guard._ref.buf) / 16000  # well over the buffer
+    t = 0.0
+    for reply in range(3):
+        for k in range(len(reply_24k) // 480):
+            guard.received(FRAME)
+            guard.play(reply_24k[k * 480:(k + 1) * 480], 24000, t)
+            guard.process(np.zeros(FRAME, np.int16))
+            t += TICK
+        for _ in range(round(gap_s / TICK)):
+            guard.received(FRAME)
+            guard.process(np.zeros(FRAME, np.int16))
+            t += TICK
+    # What was last played is on the timeline where the caller's input stood then.
+    assert guard._ref.read(guard._write - 480, 480).any()
 
 
 async def test_the_setting_and_the_transport_choose_the_guard(models, tiny_settings):
