@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -38,27 +39,46 @@ class Resampler:
         return np.concatenate([f.to_ndarray().reshape(-1) for f in out]) if out else np.zeros(0, np.int16)
 
 
-def read_audio(path: str | Path, rate: int) -> np.ndarray:
+def read_audio(path: str | Path, rate: int, max_s: float | None = None) -> np.ndarray:
     """Decode any audio file to mono int16 at `rate`. Raises InputError, one line, when the
-    file is missing, unreadable, corrupt or has no audio."""
+    file is missing, unreadable, corrupt, has no audio or (with `max_s`) holds more than
+    `max_s` seconds."""
+    parts = list(iter_audio(path, rate, max_s))
+    if not parts:
+        raise InputError(f"{path}: the file holds no audio samples")
+    return np.concatenate(parts).astype(np.int16, copy=False)
+
+
+def iter_audio(path: str | Path, rate: int, max_s: float | None = None) -> Iterator[np.ndarray]:
+    """Decode any audio file to mono int16 chunks at `rate`, as it decodes. With `max_s`,
+    InputError as soon as the decoded audio passes `max_s` seconds, counted in the file's
+    own samples at their own rate before any resampling: what a header claims (its length,
+    a 1 Hz sample rate) is never trusted, and nothing past the limit is read or resampled."""
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise InputError(f"{path}: no audio stream")
             resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-            parts = []
+            decoded_s = 0.0
             for frame in container.decode(audio=0):
-                parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-            parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+                if frame.sample_rate <= 0:
+                    raise InputError(f"{path}: invalid sample rate {frame.sample_rate}")
+                decoded_s += frame.samples / frame.sample_rate
+                if max_s is not None and decoded_s > max_s:
+                    raise InputError(f"{path}: longer than {max_s:g} s, the limit (run.max_input_s)")
+                yield from _mono(resampler.resample(frame))
+            yield from _mono(resampler.resample(None))
     except InputError:
         raise
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
-    except (av.FFmpegError, OSError, ValueError) as e:
+    except (av.FFmpegError, OSError, ValueError, ZeroDivisionError) as e:
         raise InputError(f"{path}: cannot read audio ({e.__class__.__name__}: {_short(e)})") from None
-    if not parts:
-        raise InputError(f"{path}: the file holds no audio samples")
-    return np.concatenate(parts).astype(np.int16)
+
+
+def _mono(frames: list[av.AudioFrame]) -> Iterator[np.ndarray]:
+    for f in frames:
+        yield f.to_ndarray().reshape(-1)
 
 
 def _short(e: BaseException) -> str:
@@ -75,3 +95,32 @@ def write_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(samples.tobytes())
+
+
+class WavWriter:
+    """A PCM WAV written as it goes: int16 blocks, shape (n,) or (n, channels), appended
+    one after another (the header is kept valid after each), so that nothing long waits
+    in memory to be written."""
+
+    def __init__(self, path: str | Path, rate: int, channels: int) -> None:
+        self.rate = rate
+        self.channels = channels
+        self.frames = 0
+        self._wav = wave.open(str(path), "wb")
+        self._wav.setnchannels(channels)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(rate)
+
+    def write(self, samples: np.ndarray) -> None:
+        samples = np.ascontiguousarray(samples, dtype=np.int16)
+        self._wav.writeframes(samples.tobytes())
+        self.frames += len(samples)
+
+    def close(self) -> None:
+        self._wav.close()
+
+    def __enter__(self) -> "WavWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -207,7 +207,9 @@ def _check_writable(path: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from .audio import read_audio, write_wav
+    from contextlib import nullcontext
+
+    from .audio import WavWriter, read_audio
     from .headless import run_call
     from .models import UnifiedModelManager
     from .monitor import summarize_turns
@@ -215,8 +217,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .vad import RATE as IN_RATE
 
     # Bad input fails before the models load.
-    caller_16k = read_audio(args.input, IN_RATE)
-    caller_24k = read_audio(args.input, OUT_RATE)
+    # run.max_input_s counts the decoded audio (not the header's claim) and stops decoding past it.
+    caller_16k = read_audio(args.input, IN_RATE, settings.run.max_input_s)
+    caller_24k = read_audio(args.input, OUT_RATE, settings.run.max_input_s)
     if args.output:
         _check_writable(args.output)
     _preflight(settings)
@@ -227,12 +230,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     models = UnifiedModelManager(settings)
     try:
         models.load()
-        result = asyncio.run(run_call(models, caller_16k, caller_24k, settings, args.realtime, args.seed))
+        # The recording is written as the call goes, not held in memory to the end.
+        with WavWriter(args.output, OUT_RATE, 2) if args.output else nullcontext() as recording:
+            result = asyncio.run(run_call(models, caller_16k, caller_24k, settings, args.realtime, args.seed,
+                                          recording))
     finally:
         models.unload()
-    if args.output:
-        write_wav(args.output, result.recording, OUT_RATE)
-        log.info("wrote the call (%.1f s, left caller, right agent) to %s", len(result.recording) / OUT_RATE, args.output)
+    if recording is not None:
+        log.info("wrote the call (%.1f s, left caller, right agent) to %s", recording.frames / OUT_RATE, args.output)
     turns = [t.to_dict() for t in result.turns]
     if args.json:
         print(json.dumps({"input_s": round(result.input_s, 3), "turns": turns,

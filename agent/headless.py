@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -45,23 +46,32 @@ class VirtualClock:
 
 @dataclass
 class CallResult:
-    recording: np.ndarray  # (n, 2) int16 at 24 kHz: left the caller, right the agent
+    recording: np.ndarray | None  # (n, 2) int16 at 24 kHz: left the caller, right the agent (None: written out)
     turns: list[TurnRecord]
     input_s: float
 
 
+class RecordingSink(Protocol):
+    def write(self, samples: np.ndarray) -> None: ...
+
+
 async def run_call(models: UnifiedModelManager, caller_16k: np.ndarray, caller_24k: np.ndarray,
-                   settings: Settings | None = None, realtime: bool = False, seed: int | None = None) -> CallResult:
-    """Play `caller_16k` (int16 mono) into a session; return the stereo call recording."""
+                   settings: Settings | None = None, realtime: bool = False, seed: int | None = None,
+                   recording: RecordingSink | None = None) -> CallResult:
+    """Play `caller_16k` (int16 mono) into a session. The stereo call recording goes to
+    `recording` 20 ms at a time as the call goes (a WavWriter: a long call holds none of
+    it in memory); without one it is returned whole in the CallResult."""
     clock = VirtualClock()
     session = CallSession(models, settings, clock=clock, seed=seed)
     in_step = int(IN_RATE * FRAME_S)
     out_step = int(OUT_RATE * FRAME_S)
     n_in = -(-len(caller_16k) // in_step)
     silence_in = np.zeros(in_step, dtype=np.int16)
+    blocks: list[np.ndarray] = []
+    timeline = _Recording(caller_24k, out_step, recording.write if recording is not None else blocks.append)
     # Slot i of the timeline is [i, i + 1) x 20 ms. Caller frame i has fully arrived at
     # the end of its slot; the frame the player takes then plays in slot i + 1.
-    agent: list[np.ndarray] = [np.zeros(out_step, dtype=np.int16)]
+    agent = np.zeros(out_step, dtype=np.int16)  # what plays in slot i
     i = 0
     try:
         while True:
@@ -75,14 +85,37 @@ async def run_call(models: UnifiedModelManager, caller_16k: np.ndarray, caller_2
             chunk = caller_16k[i * in_step:(i + 1) * in_step] if i < n_in else silence_in
             session.push_audio(chunk, IN_RATE)
             frame = session.outbound.get_nowait()
-            agent.append(frame.samples if frame is not None else np.zeros(out_step, dtype=np.int16))
+            timeline.slot(i, agent)
+            agent = frame.samples if frame is not None else np.zeros(out_step, dtype=np.int16)
             await asyncio.sleep(0)  # let the session's tasks run
             i += 1
     finally:
         await session.close()
-    right = np.concatenate(agent) if agent else np.zeros(0, dtype=np.int16)
-    n = max(len(right), len(caller_24k))
-    recording = np.zeros((n, 2), dtype=np.int16)
-    recording[:len(caller_24k), 0] = caller_24k
-    recording[:len(right), 1] = right
-    return CallResult(recording, session.turns, len(caller_16k) / IN_RATE)
+    timeline.slot(i, agent)
+    timeline.rest(i + 1)
+    whole = np.concatenate(blocks) if recording is None else None
+    return CallResult(whole, session.turns, len(caller_16k) / IN_RATE)
+
+
+class _Recording:
+    """The call recording, slot by slot: the caller's 24 kHz audio left, the agent's right."""
+
+    def __init__(self, caller_24k: np.ndarray, step: int, write: Callable[[np.ndarray], None]) -> None:
+        self.caller = caller_24k
+        self.step = step
+        self.write = write
+
+    def slot(self, i: int, agent: np.ndarray) -> None:
+        block = np.zeros((self.step, 2), dtype=np.int16)
+        left = self.caller[i * self.step:(i + 1) * self.step]
+        block[:len(left), 0] = left
+        block[:len(agent), 1] = agent[:self.step]
+        self.write(block)
+
+    def rest(self, first_slot: int) -> None:
+        """The caller's audio past the agent's last slot, if any (the agent silent)."""
+        left = self.caller[first_slot * self.step:]
+        if len(left):
+            block = np.zeros((len(left), 2), dtype=np.int16)
+            block[:, 0] = left
+            self.write(block)
