@@ -30,8 +30,8 @@ import torch
 
 from .errors import AudioGenerationError
 from .orpheus import (AUDIO_BASE, AUDIO_IDS, END_OF_SPEECH, EOS_COLUMN, FrameAssembler, SamplingParams,
-                      column_to_token, sample_audio, stream_generator)
-from .generation import draw_uniform, head_dim
+                      column_to_token, sample_streams, stream_generator)
+from .generation import head_dim
 from .snac_codec import StreamingSNACDecoder, decode_batch
 
 log = logging.getLogger(__name__)
@@ -688,15 +688,9 @@ class SpeechBatcher(SlotBatcher):
 
     def _sample(self, streams: list[BatchedStream], block: torch.Tensor) -> None:
         """Sample one token per stream from its logits block and feed its frame assembler."""
-        device = block.device
-        slots = torch.tensor([s.slot for s in streams], device=device)
-        params = [s.params for s in streams]
-        columns = sample_audio(
-            block, torch.tensor([s.position for s in streams], device=device), self.seen.index_select(0, slots),
-            torch.tensor([p.temperature for p in params], device=device),
-            torch.tensor([p.top_p for p in params], device=device),
-            torch.tensor([p.repetition_penalty for p in params], device=device),
-            torch.tensor([draw_uniform(s.generator) for s in streams], dtype=torch.float64))
+        slots = torch.tensor([s.slot for s in streams], device=block.device)
+        columns = sample_streams(block, [s.position for s in streams], self.seen.index_select(0, slots),
+                                 [s.params for s in streams], [s.generator for s in streams])
         self.seen[slots, columns] = True
         now = time.perf_counter()
         for stream, column in zip(streams, columns.tolist()):

@@ -4,7 +4,7 @@ weight-size estimates and error messages."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -16,17 +16,20 @@ def sample_rows(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     """One choice per row of `scores` (B, N logits), with per-row temperature and top-p
     (B,), drawn by inverse CDF from the given uniforms (B,) in [0, 1) (argmax where the
     temperature is 0). Each caller draws its uniforms from its own generator, so a row
-    gets the same choice whether it is sampled alone or in a batch."""
+    gets the same choice whether it is sampled alone or in a batch. The settings may come
+    from any device: they are moved to the scores' (CUDA refuses a mix)."""
+    device = scores.device
     scores = scores.float()
+    temperature, top_p = temperature.to(device, torch.float32), top_p.to(device, torch.float32)
     greedy = temperature <= 0.0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(scores / t[:, None], dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     # Keep the smallest prefix whose mass reaches top_p (always the first).
-    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p.float()[:, None]
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p[:, None]
     sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
     cdf = torch.cumsum(sorted_probs, dim=-1)
-    target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    target = uniforms.to(device, cdf.dtype)[:, None] * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[-1] - 1)
     choice = order.gather(1, picked)[:, 0]
     return torch.where(greedy, scores.argmax(dim=-1), choice)
@@ -37,10 +40,27 @@ def draw_uniform(generator: torch.Generator) -> float:
     return float(torch.rand(1, generator=generator, dtype=torch.float64))
 
 
+def row_values(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-row settings (B,) as one float32 tensor on the sampling device."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def draw_uniforms(generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One uniform per row, each from its row's own CPU generator, on the sampling device."""
+    return torch.tensor([draw_uniform(g) for g in generators], dtype=torch.float64).to(device)
+
+
+def sample_choices(scores: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
+                   generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """sample_rows with each row's settings and generator, every tensor on the scores' device."""
+    device = scores.device
+    return sample_rows(scores, row_values(temperatures, device), row_values(top_ps, device),
+                       draw_uniforms(generators, device))
+
+
 def sample_index(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Index of the choice drawn from one row of `scores` (see sample_rows)."""
-    u = torch.tensor([draw_uniform(generator)])
-    return int(sample_rows(scores[None], torch.tensor([temperature]), torch.tensor([top_p]), u)[0])
+    return int(sample_choices(scores[None], [temperature], [top_p], [generator])[0])
 
 
 class CachedGeneration:
@@ -76,7 +96,7 @@ class CachedGeneration:
         with self._lock:
             if self.finished:  # closed (cancelled) while the forward pass ran
                 return None
-            self._cache = out.past_key_values
+            self._cache = out.cache
             return out.logits[0, -1]
 
     def close(self) -> None:
@@ -116,7 +136,8 @@ class InProcessModel:
     def _forward_cached(self, cache, **inputs: Any):
         with self._lock:
             self.forward_calls += 1
-            return self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            # `cache`: transformers' name for it from 5.24 on (past_key_values before).
+            return self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
 
 
 def load_failure(what: str, source: str, e: BaseException) -> ModelInitializationError:

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ModelInitializationError
-from .generation import (CachedGeneration, InProcessModel, draw_uniform, estimate_llama_bytes, load_failure,
-                         sample_rows)
+from .generation import (CachedGeneration, InProcessModel, draw_uniforms, estimate_llama_bytes, load_failure,
+                         row_values, sample_rows)
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +113,35 @@ def sample_audio(block: torch.Tensor, positions: torch.Tensor, seen: torch.Tenso
     """Position-constrained sampling for a batch of streams: the chosen block column per row.
 
     Row b may only choose among the 4096 ids of slot positions[b] % 7 (plus end_of_speech
-    at a frame boundary), so a stream cannot misalign. `seen` (B, 28,673) marks the ids a
-    stream already used: the repetition penalty applies to those as transformers' processor
-    would to the full row. The single-stream sampler is this with B = 1, so a stream gets
-    the same tokens alone or batched.
+    at a frame boundary), so a stream cannot misalign. `seen` (B, 28,673, on the block's
+    device) marks the ids a stream already used: the repetition penalty applies to those
+    as transformers' processor would to the full row. The per-row settings may come from
+    any device (they are moved to the block's). The single-stream sampler is this with
+    B = 1, so a stream gets the same tokens alone or batched.
     """
-    slot = positions % FRAME_TOKENS
-    cols = slot[:, None] * CODEBOOK_SIZE + torch.arange(CODEBOOK_SIZE, device=block.device)
+    device = block.device
+    slot = positions.to(device) % FRAME_TOKENS
+    cols = slot[:, None] * CODEBOOK_SIZE + torch.arange(CODEBOOK_SIZE, device=device)
     cols = torch.cat([cols, torch.full_like(cols[:, :1], EOS_COLUMN)], 1)  # (B, 4097)
     scores = block.gather(1, cols).float()
     scores[:, -1] = torch.where(slot == 0, scores[:, -1], torch.full_like(scores[:, -1], -float("inf")))
-    rp = repetition_penalty.float()[:, None]
+    rp = repetition_penalty.to(device, torch.float32)[:, None]
     penalised = torch.where(scores > 0, scores / rp, scores * rp)
     scores = torch.where(seen.gather(1, cols), penalised, scores)
     choice = sample_rows(scores, temperature, top_p, uniforms)
     return cols.gather(1, choice[:, None])[:, 0]
+
+
+def sample_streams(block: torch.Tensor, positions: Sequence[int], seen: torch.Tensor,
+                   params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """sample_audio with each stream's position, settings and generator, every tensor on
+    the block's device: what the single stream and the batcher both sample with."""
+    device = block.device
+    return sample_audio(block, torch.tensor(list(positions), device=device), seen,
+                        row_values([p.temperature for p in params], device),
+                        row_values([p.top_p for p in params], device),
+                        row_values([p.repetition_penalty for p in params], device),
+                        draw_uniforms(generators, device))
 
 
 class ConstrainedSampler:
@@ -137,15 +151,11 @@ class ConstrainedSampler:
         self.params = params
         self.generator = generator
         self.seen = torch.zeros(1, AUDIO_IDS + 1, dtype=torch.bool, device=device)  # the prompt has no audio ids
-        p = params
-        self._t, self._p, self._rp = (torch.tensor([v], device=device)
-                                      for v in (p.temperature, p.top_p, p.repetition_penalty))
 
     def __call__(self, logits: torch.Tensor, position: int) -> int:
         """The next token id, from one position's full-vocabulary logits."""
-        u = torch.tensor([draw_uniform(self.generator)])
-        pos = torch.tensor([position], device=logits.device)
-        column = int(sample_audio(audio_block(logits)[None], pos, self.seen, self._t, self._p, self._rp, u)[0])
+        block = audio_block(logits)[None]
+        column = int(sample_streams(block, [position], self.seen, [self.params], [self.generator])[0])
         self.seen[0, column] = True
         return column_to_token(column)
 

@@ -26,8 +26,8 @@ import torch
 
 from .engine import SlotBatcher, SlotStream, StaticLlama
 from .errors import InputError, ModelInitializationError
-from .generation import (CachedGeneration, InProcessModel, draw_uniform, estimate_llama_bytes, first_line,
-                         load_failure, sample_index, sample_rows)
+from .generation import (CachedGeneration, InProcessModel, estimate_llama_bytes, first_line, load_failure,
+                         sample_choices, sample_index)
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +287,8 @@ class ReplyBatcher(SlotBatcher):
 
     def _sample(self, streams: list[BatchedReply], logits: torch.Tensor) -> None:
         params = [s.params for s in streams]
-        tokens = sample_rows(logits, torch.tensor([p.temperature for p in params], device=logits.device),
-                             torch.tensor([p.top_p for p in params], device=logits.device),
-                             torch.tensor([draw_uniform(s.generator) for s in streams], dtype=torch.float64))
+        tokens = sample_choices(logits, [p.temperature for p in params], [p.top_p for p in params],
+                                [s.generator for s in streams])
         now = time.perf_counter()
         for stream, token in zip(streams, tokens.tolist()):
             if token == self.voxtral.eos_token_id:

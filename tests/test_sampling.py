@@ -1,5 +1,6 @@
 """Position-constrained sampling and the token loop on the real tiny Orpheus model."""
 
+import pytest
 import torch
 
 from agent.orpheus import (AUDIO_BASE, CODEBOOK_SIZE, END_OF_SPEECH, VOCAB_SIZE, ConstrainedSampler,
@@ -92,3 +93,74 @@ def test_batched_sampling_gives_each_row_what_it_gets_alone():
     alone = [int(sample_audio(audio_block(logits[i:i + 1]), positions[i:i + 1], seen[i:i + 1], t[:1], p[:1],
                               rp[:1], u[i:i + 1])[0]) for i in range(5)]
     assert batched.tolist() == alone
+
+
+# -- device placement: every sampling tensor on the logits' device ------------------
+# CUDA refuses an op that mixes a device tensor with a non-scalar CPU tensor; so does
+# PyTorch's `meta` device, which runs each op's shape logic without data. Sampling on
+# meta logits therefore catches, on a CPU machine, any tensor left on the CPU.
+
+class MetaValues(torch.overrides.TorchFunctionMode):
+    """Reading a meta tensor's value (int(), .item(), .tolist()) gives zeros: meta
+    tensors hold no data, and the code after the tensor ops only needs some value to go
+    on. Every tensor op still runs, and still refuses mixed devices."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("__int__", "__index__", "__float__", "__bool__", "item", "tolist") and args[0].is_meta:
+            zeros = torch.zeros(args[0].shape, dtype=args[0].dtype)
+            return zeros.tolist() if name == "tolist" else getattr(zeros, name)()
+        return func(*args, **(kwargs or {}))
+
+
+META = torch.device("meta")
+
+
+def test_meta_device_refuses_a_cpu_operand_as_cuda_does():
+    with pytest.raises(RuntimeError, match="device"):
+        torch.zeros(2, 3, device=META) / torch.ones(1, 1)
+
+
+def test_sample_index_keeps_its_tensors_on_the_logits_device():
+    from agent.generation import sample_index
+
+    with MetaValues():
+        for temperature in (0.0, 0.7):
+            assert sample_index(torch.zeros(50, device=META), temperature, 0.9, torch.Generator()) == 0
+
+
+def test_sample_rows_takes_cpu_settings_for_device_logits():
+    from agent.generation import sample_rows
+
+    with MetaValues():
+        choice = sample_rows(torch.zeros(3, 50, device=META), torch.tensor([0.0, 0.5, 1.0]), torch.full((3,), 0.9),
+                             torch.rand(3, dtype=torch.float64))
+    assert choice.device == META and choice.shape == (3,)
+
+
+def test_orpheus_sampling_keeps_its_tensors_on_the_logits_device():
+    from agent.orpheus import AUDIO_IDS, audio_block, sample_audio
+
+    with MetaValues():
+        sampler = ConstrainedSampler(SamplingParams(), torch.Generator(), META)
+        assert isinstance(sampler(torch.zeros(VOCAB_SIZE, device=META), 3), int)
+        block = audio_block(torch.zeros(2, VOCAB_SIZE, device=META))
+        seen = torch.zeros(2, AUDIO_IDS + 1, dtype=torch.bool, device=META)
+        cpu = torch.tensor([0.6, 0.0])
+        columns = sample_audio(block, torch.tensor([0, 8]), seen, cpu, cpu, cpu, torch.rand(2, dtype=torch.float64))
+    assert columns.device == META
+
+
+def test_batched_samplers_keep_their_tensors_on_the_logits_device():
+    """What the two batchers sample with (SpeechBatcher, ReplyBatcher)."""
+    from agent.generation import sample_choices
+    from agent.orpheus import AUDIO_IDS, audio_block, sample_streams
+
+    generators = [torch.Generator(), torch.Generator()]
+    with MetaValues():
+        tokens = sample_choices(torch.zeros(2, 50, device=META), [0.0, 0.2], [0.95, 0.95], generators)
+        block = audio_block(torch.zeros(2, VOCAB_SIZE, device=META))
+        seen = torch.zeros(2, AUDIO_IDS + 1, dtype=torch.bool, device=META)
+        columns = sample_streams(block, [0, 13], seen, [SamplingParams(), SamplingParams(temperature=0.0)],
+                                 generators)
+    assert tokens.device == columns.device == META and tokens.shape == columns.shape == (2,)
