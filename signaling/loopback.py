@@ -66,7 +66,15 @@ class Caller:
         self.channel = self.pc.createDataChannel("events")
         self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
         self.pc.addTrack(self.mic)
-        self.pc.on("track", lambda track: asyncio.ensure_future(self._listen(track)))
+        self._listeners: list[asyncio.Task] = []
+        self.pc.on("track", lambda track: self._listeners.append(asyncio.ensure_future(self._listen(track))))
+
+    async def close(self) -> None:
+        """Hang up (DTLS close, no DELETE) and stop listening."""
+        await self.pc.close()
+        for task in self._listeners:
+            task.cancel()
+        await asyncio.gather(*self._listeners, return_exceptions=True)
 
     async def _listen(self, track) -> None:
         while True:
@@ -107,7 +115,7 @@ async def hold_calls(base_url: str, n: int, seconds: float) -> None:
         callers = [Caller(base_url) for _ in range(n)]
         await asyncio.gather(*(c.dial(http) for c in callers))
         await asyncio.sleep(seconds)
-        await asyncio.gather(*(c.pc.close() for c in callers))
+        await asyncio.gather(*(c.close() for c in callers))
 
 
 if __name__ == "__main__":  # python -m signaling.loopback URL CALLS SECONDS
