@@ -101,6 +101,7 @@ class EchoSettings:
 @dataclass(frozen=True)
 class SessionSettings:
     instructions: str
+    instructions_first: bool
     voice: str
     max_history_turns: int
     frame_ms: int

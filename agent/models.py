@@ -128,13 +128,13 @@ class UnifiedModelManager:
         self.device_thread.attach(batcher)
         return batcher
 
-    def open_reply(self, audio, history, instructions: str, params, seed: int, loop):
+    def open_reply(self, audio, history, instructions: str, params, seed: int, loop, instructions_first: bool = False):
         """Start Voxtral's reply to `audio` after `history` (on the device thread): a
         BatchedReply where the reply engine has room for the prompt and the longest reply,
         else a TextStream (the single path)."""
         from .voxtral import TextStream
 
-        inputs = self.voxtral.reply_inputs(audio, history, instructions)
+        inputs = self.voxtral.reply_inputs(audio, history, instructions, instructions_first)
         if self.replies is not None:
             prompt = inputs["input_ids"].shape[-1]
             if prompt + params.max_new_tokens <= self.replies.llama.scratch:

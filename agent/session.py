@@ -402,7 +402,7 @@ class CallSession:
         try:
             stream = await device.open(self.models.open_reply, _to_float(audio), self.history,
                                        self.settings.session.instructions, params, self.seed + record.index,
-                                       asyncio.get_running_loop())
+                                       asyncio.get_running_loop(), self.settings.session.instructions_first)
             while (piece := await self.models.next_reply_piece(stream)) is not None:
                 if record.t_first_token is None:
                     record.t_first_token = self.now()

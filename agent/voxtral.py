@@ -145,15 +145,16 @@ class VoxtralModel(InProcessModel):
         return cls(model, processor, source)
 
     def reply_stream(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
-                     params: ReplyParams, seed: int) -> TextStream:
+                     params: ReplyParams, seed: int, instructions_first: bool = False) -> TextStream:
         """Understanding mode: answer `audio`, the caller's new turn, after `history`."""
-        return TextStream(self, self.reply_inputs(audio, history, instructions), params, seed)
+        return TextStream(self, self.reply_inputs(audio, history, instructions, instructions_first), params, seed)
 
-    def reply_inputs(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str) -> dict:
+    def reply_inputs(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
+                     instructions_first: bool = False) -> dict:
         """The processor's prompt for a reply: input_ids (1, T) and input_features."""
         from mistral_common.exceptions import MistralCommonException
 
-        conversation = self.conversation(audio, history, instructions)
+        conversation = self.conversation(audio, history, instructions, instructions_first)
         try:
             return self.processor.apply_chat_template(conversation)
         except (MistralCommonException, ValueError) as e:  # mistral-common rejects the structure
@@ -187,9 +188,14 @@ class VoxtralModel(InProcessModel):
             raise InputError(f"cannot build the Voxtral transcription prompt: {first_line(e)}") from e
         return TextStream(self, inputs, params, seed)
 
-    def conversation(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str) -> list[dict]:
+    def conversation(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
+                     instructions_first: bool = False) -> list[dict]:
         """The chat for the processor: history, then the new user turn. Voxtral takes no
-        system prompt, so the instructions open the first user message."""
+        system prompt, so the instructions go in the first user message, after its audio:
+        Voxtral's documented examples (transformers' VoxtralForConditionalGeneration and
+        VoxtralProcessor docs, Mistral's model card) put the audio first and the text about
+        it after, the layout the model was tuned to answer. `instructions_first` puts the
+        text before the audio instead (session.instructions_first)."""
         messages: list[dict[str, Any]] = []
         pending = instructions.strip()
         for turn in [*history, ChatTurn("user", audio=audio)]:
@@ -205,14 +211,10 @@ class VoxtralModel(InProcessModel):
                     pending = ""
                 messages.append({"role": "assistant", "content": turn.text})
             elif turn.role == "user":
-                content: list[dict[str, str]] = []
-                if pending:
-                    content.append({"type": "text", "text": pending})
-                    pending = ""
-                if turn.text:
-                    content.append({"type": "text", "text": turn.text})
-                if turn.audio is not None:
-                    content.append({"type": "audio", "base64": wav_base64(turn.audio)})
+                texts = [{"type": "text", "text": t} for t in (pending, turn.text) if t]
+                pending = ""
+                audio_part = [{"type": "audio", "base64": wav_base64(turn.audio)}] if turn.audio is not None else []
+                content = texts + audio_part if instructions_first else audio_part + texts
                 if content:
                     messages.append({"role": "user", "content": content})
             else:

@@ -119,9 +119,15 @@ def test_history_and_instructions_grow_the_prompt(voxtral):
     assert stream.prompt_tokens > alone.prompt_tokens + TOKENS_PER_30S
     ids = stream.prompt_ids
     instruction_ids = tokenizer.encode(instructions, add_special_tokens=False)
-    # No system prompt: the instructions open the first user message, once.
-    assert ids[:2 + len(instruction_ids)] == [BOS, INST, *instruction_ids]
+    # No system prompt: the instructions go in the first user message, once, after its
+    # audio (the order of Voxtral's documented examples).
+    opening = [BOS, INST, BEGIN_AUDIO, *[AUDIO] * TOKENS_PER_30S]
+    assert ids[:len(opening) + len(instruction_ids) + 1] == [*opening, *instruction_ids, END_INST]
     assert tokenizer.decode(ids).count("friendly phone agent") == 1
+    # session.instructions_first: before the audio instead.
+    first = voxtral.reply_stream(tone(1.5), history, instructions, params, seed=3, instructions_first=True)
+    assert first.prompt_ids[:3 + len(instruction_ids)] == [BOS, INST, *instruction_ids, BEGIN_AUDIO]
+    assert sorted(first.prompt_ids) == sorted(ids)
     said_ids = tokenizer.encode(said, add_special_tokens=False)
     start = ids.index(END_INST) + 1
     assert ids[start:start + len(said_ids) + 2] == [*said_ids, EOS, INST]
