@@ -287,13 +287,15 @@ class GraphedDecode:
     def __init__(self, llama: StaticLlama, batch_sizes: Sequence[int], lengths: Sequence[int],
                  capture: bool = True) -> None:
         self.llama = llama
-        self.batch_sizes = sorted({b for b in batch_sizes if 0 < b < llama.slots} | {llama.slots})
-        self.lengths = sorted({n for n in lengths if 0 < n < llama.max_len} | {llama.max_len})
+        self.batch_sizes, self.lengths = self.buckets(llama.slots, llama.max_len, batch_sizes, lengths)
         self._tokens = torch.zeros(llama.slots, dtype=torch.long, device=llama.device)
         self._positions = torch.full((llama.slots,), llama.scratch, dtype=torch.long, device=llama.device)
         self._steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if capture else None
+        # One warm-up stream for every capture: cuBLAS keeps a workspace (32 MiB on Hopper)
+        # for each stream it runs on, and a new stream per capture would hold dozens.
+        self._side = torch.cuda.Stream() if capture else None
         for length in self.lengths:
             for b in reversed(self.batch_sizes):  # largest first: later graphs reuse its memory
                 self._steps[(b, length)] = self._capture(b, length, pool) if capture else self._eager(b, length)
@@ -301,13 +303,20 @@ class GraphedDecode:
             log.info("captured %d decode graphs (batch %s x context %s) in %.1f s", len(self._steps),
                      self.batch_sizes, self.lengths, time.perf_counter() - t0)
 
+    @staticmethod
+    def buckets(slots: int, max_len: int, batch_sizes: Sequence[int],
+                lengths: Sequence[int]) -> tuple[list[int], list[int]]:
+        """The batch sizes and context lengths captured: those below the cache's size, and its size."""
+        return (sorted({b for b in batch_sizes if 0 < b < slots} | {slots}),
+                sorted({n for n in lengths if 0 < n < max_len} | {max_len}))
+
     def _eager(self, b: int, length: int) -> Callable[[], torch.Tensor]:
         tokens, positions = self._tokens[:b], self._positions[:b]
         return lambda: self.llama.decode(tokens, positions, length)
 
     def _capture(self, b: int, length: int, pool) -> Callable[[], torch.Tensor]:
         tokens, positions = self._tokens[:b], self._positions[:b]
-        side = torch.cuda.Stream()
+        side = self._side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: allocator and kernel selection settle outside the graph

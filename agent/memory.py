@@ -7,7 +7,7 @@ import gc
 import logging
 import os
 import resource
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +45,26 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
+def placement(device: torch.device) -> dict[str, Any]:
+    """from_pretrained's arguments that load a checkpoint straight onto `device`, shard by
+    shard, instead of into RAM first and then across (slower, and it needs host RAM the
+    size of the model). transformers takes device_map only with accelerate installed;
+    without it the weights go through RAM, as before, and the log says how to avoid it."""
+    if device.type == "cpu":
+        return {}
+    if not accelerate_available():
+        log.info("accelerate is not installed: weights load into RAM, then move to %s "
+                 "(pip install accelerate loads them straight to the device)", device)
+        return {}
+    return {"device_map": device}
+
+
+def accelerate_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def available_ram() -> tuple[int, int]:
     """(available, total) bytes of RAM: what a CPU run can still allocate without the
     kernel killing the process."""
@@ -55,6 +75,38 @@ def available_ram() -> tuple[int, int]:
     except (OSError, KeyError, ValueError, IndexError):  # not Linux: free pages are the best guess
         page = os.sysconf("SC_PAGE_SIZE")
         return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def prefill_transient_bytes(config, positions: int, keys: int, dtype: torch.dtype) -> int:
+    """Peak memory, beyond weights and cache, of one StaticLlama forward pass of
+    `positions` prompt positions attending over `keys` keys (agent/engine.py).
+
+    Its attention materializes one layer's scores at a time, (heads, positions, keys): the
+    scores, their masked copy, the float32 softmax and its cast back, 2 x dtype + 4 bytes
+    an element at the peak. Voxtral's reply engine feeds whole prompts, so at
+    engine.reply_max_seq_len 4096 this alone is 4 GiB. The layer's activations come on top
+    (hidden states, q/k/v/o, the MLP's gate, up and product)."""
+    scores = config.num_attention_heads * positions * keys * (2 * dtype_bytes(dtype) + 4)
+    activations = positions * (6 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes(dtype)
+    return scores + activations
+
+
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # per stream cuBLAS runs on (PyTorch's default on Hopper)
+
+
+def graph_pool_bytes(config, head_rows: int, batch_sizes: list[int], lengths: list[int],
+                     dtype: torch.dtype) -> int:
+    """Memory the CUDA graphs of GraphedDecode keep (engine.cuda_graphs): every captured
+    (batch, length) bucket keeps its logits output (batch x head rows); their
+    intermediates share one pool, as large as the largest bucket's step; cuBLAS keeps a
+    workspace for the warm-up and the capture streams."""
+    outputs = sum(b * head_rows for b in batch_sizes) * len(lengths) * dtype_bytes(dtype)
+    largest = prefill_transient_bytes(config, 1, max(lengths), dtype) * max(batch_sizes)
+    return outputs + largest + 2 * CUBLAS_WORKSPACE_BYTES
 
 
 class GPUMemoryManager:
@@ -93,6 +145,23 @@ class GPUMemoryManager:
         raise InsufficientVRAMError(
             f"{name} needs {needed_bytes / GIB:.1f} GiB plus {self.headroom_bytes / GIB:.1f} GiB headroom, "
             f"but only {free / GIB:.1f} GiB of {total / GIB:.1f} GiB is {where}. {advice}")
+
+    def check_plan(self, items: list[tuple[str, int]]) -> None:
+        """Raise InsufficientVRAMError, naming each part, when everything the models will
+        take (weights, KV caches, prefill transients, CUDA graph pools) does not fit with
+        the headroom: before the first model loads, not after the first 9 GB."""
+        needed = sum(n for _, n in items)
+        free, total = self._mem_get_info()
+        if needed + self.headroom_bytes <= free:
+            log.info("the models need about %.1f GiB, %.1f GiB free on %s", needed / GIB, free / GIB, self.device)
+            return
+        parts = ", ".join(f"{name} {n / GIB:.2f}" for name, n in items if n >= 0.005 * GIB)
+        where = f"free on {self.device}" if self.device.type == "cuda" else "available in RAM"
+        raise InsufficientVRAMError(
+            f"the models need {needed / GIB:.1f} GiB ({parts} GiB) plus {self.headroom_bytes / GIB:.1f} GiB headroom, "
+            f"but only {free / GIB:.1f} GiB of {total / GIB:.1f} GiB is {where}. Lower engine.max_streams, "
+            "engine.reply_slots or engine.reply_max_seq_len (README, Hardware: settings for a 24 GB GPU), "
+            "or lower device.headroom_gb.")
 
     def stats(self) -> dict[str, float]:
         """Allocated, reserved and peak memory in MiB (GPU), or the process's peak RSS (CPU)."""

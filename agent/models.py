@@ -17,7 +17,8 @@ import torch
 from .config import Settings
 from .engine import DeviceThread
 from .errors import ModelInitializationError
-from .memory import GPUMemoryManager, resolve_device, resolve_dtype
+from .memory import (GPUMemoryManager, dtype_bytes, graph_pool_bytes, prefill_transient_bytes, resolve_device,
+                     resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class UnifiedModelManager:
         s = self.settings
         t0 = time.perf_counter()
         dtype_name = str(self.dtype).removeprefix("torch.")
+        self._check_plan(listen)
         if listen:
             voxtral_source = resolve_source(s.voxtral.model, "voxtral")
             log.info("loading Voxtral from %s on %s (%s)...", voxtral_source, self.device, dtype_name)
@@ -100,8 +102,7 @@ class UnifiedModelManager:
 
         e, snac_settings = self.settings.engine, self.settings.snac
         return self._engine(
-            "engine", "the speech engine's KV cache (engine.max_streams x engine.max_seq_len)",
-            orpheus.model.config, orpheus.dtype, e.max_streams, e.max_seq_len,
+            "engine", speech_engine_parts(orpheus.model.config, orpheus.dtype, self.settings, self.device),
             lambda: SpeechBatcher(orpheus, snac, e.max_streams, e.max_seq_len, e.prefill_chunk, e.defer_lead_s,
                                   snac_settings.decoder_mode, snac_settings.max_frames_per_window, e.cuda_graphs))
 
@@ -111,22 +112,46 @@ class UnifiedModelManager:
 
         e = self.settings.engine
         return self._engine(
-            "replies", "the reply engine's KV cache (engine.reply_slots x engine.reply_max_seq_len)",
-            voxtral.model.config.text_config, voxtral.dtype, e.reply_slots, e.reply_max_seq_len,
+            "replies", reply_engine_parts(voxtral.model.config.text_config, voxtral.dtype, self.settings, self.device),
             lambda: ReplyBatcher(voxtral, e.reply_slots, e.reply_max_seq_len, e.reply_prefill_chunk, e.cuda_graphs))
 
-    def _engine(self, key: str, cache: str, config, dtype: torch.dtype, slots: int, max_len: int,
-                build: Callable[[], Any]):
-        """Check memory for a batcher's static KV cache, build the batcher (its memory
-        measured under `key`) and attach it to the device thread."""
-        from .engine import StaticLlama
-
-        need = StaticLlama.cache_bytes(config, slots, max_len, dtype)
-        self.memory.check(cache, need)
-        log.info("preparing %s: %d slots x %d tokens (%.0f MiB)...", cache, slots, max_len, need / 2**20)
+    def _engine(self, key: str, parts: list[tuple[str, int]], build: Callable[[], Any]):
+        """Check memory for a batcher (its static KV cache, prefill transient and CUDA
+        graphs: `parts`), build it (its memory measured under `key`) and attach it to the
+        device thread."""
+        need = sum(n for _, n in parts)
+        what = ", ".join(f"{name} {n / 2**30:.2f} GiB" for name, n in parts)
+        self.memory.check(what, need)
+        log.info("preparing %s...", what)
         batcher = self._measured(key, build)
         self.device_thread.attach(batcher)
         return batcher
+
+    def memory_plan(self, listen: bool = True) -> list[tuple[str, int]]:
+        """(what, bytes) for everything load() puts on the device, from the models' configs
+        alone (config.json; no weights are read)."""
+        s, dtype = self.settings, self.dtype
+        plan = []
+        if listen:
+            voxtral = model_config(resolve_source(s.voxtral.model, "voxtral"))
+            plan.append(("Voxtral", _voxtral_bytes(voxtral, dtype)))
+            if s.engine.mode == "batched":
+                plan += reply_engine_parts(voxtral.text_config, dtype, s, self.device)
+        orpheus = model_config(resolve_source(s.orpheus.model, "orpheus"))
+        plan.append(("Orpheus", _llama_bytes(orpheus, dtype)))
+        plan.append(("SNAC", SNAC_BYTES))
+        if s.engine.mode == "batched":
+            plan += speech_engine_parts(orpheus, dtype, s, self.device)
+        return plan
+
+    def _check_plan(self, listen: bool) -> None:
+        """Refuse before the first load when the whole plan cannot fit."""
+        try:
+            plan = self.memory_plan(listen)
+        except Exception as e:  # a config that cannot be read: the load says why, with the way out
+            log.debug("no memory plan (%s); each load is checked on its own", e)
+            return
+        self.memory.check_plan(plan)
 
     def open_reply(self, audio, history, instructions: str, params, seed: int, loop, instructions_first: bool = False):
         """Start Voxtral's reply to `audio` after `history` (on the device thread): a
@@ -195,6 +220,72 @@ class UnifiedModelManager:
         self.memory.cleanup()
         if UnifiedModelManager._instance is self:
             UnifiedModelManager._instance = None
+
+
+SNAC_BYTES = 20_000_000 * 4  # 19.8 M parameters, kept in float32
+
+
+def _voxtral_bytes(config, dtype: torch.dtype) -> int:
+    from .voxtral import estimate_voxtral_bytes
+
+    return estimate_voxtral_bytes(config, dtype)
+
+
+def _llama_bytes(config, dtype: torch.dtype) -> int:
+    from .generation import estimate_llama_bytes
+
+    return estimate_llama_bytes(config, dtype)
+
+
+def model_config(source: str):
+    """A model's config without its weights: config.json, or the random profiles' own."""
+    from transformers import AutoConfig
+
+    from . import tiny
+
+    if source == tiny.RANDOM_VOXTRAL_MINI:
+        return tiny.voxtral_mini_config()
+    if source == tiny.RANDOM_ORPHEUS_3B:
+        return tiny.orpheus_3b_config()
+    return AutoConfig.from_pretrained(source)
+
+
+def _engine_parts(config, dtype: torch.dtype, device: torch.device, slots: int, max_len: int, prefill: int,
+                  head_rows: int, cuda_graphs: bool, names: tuple[str, str, str]) -> list[tuple[str, int]]:
+    """A batcher's memory beyond the weights: its static KV cache, the transient of its
+    largest prefill (`prefill` positions over the whole cache length) and, on CUDA with
+    graphs on, the graphs' pool."""
+    from .engine import GRAPH_BATCH_SIZES, GRAPH_LENGTHS, GraphedDecode, StaticLlama
+
+    parts = [(names[0], StaticLlama.cache_bytes(config, slots, max_len, dtype)),
+             (names[1], prefill_transient_bytes(config, min(prefill, max_len), max_len, dtype))]
+    if cuda_graphs and device.type == "cuda":
+        batch_sizes, lengths = GraphedDecode.buckets(slots, max_len, GRAPH_BATCH_SIZES, GRAPH_LENGTHS)
+        parts.append((names[2], graph_pool_bytes(config, head_rows, batch_sizes, lengths, dtype)))
+    return parts
+
+
+def speech_engine_parts(config, dtype: torch.dtype, settings: Settings, device: torch.device) -> list[tuple[str, int]]:
+    """The speech engine: KV cache, a prefill chunk's transient, CUDA graphs, and its
+    copy of the head's audio rows (28,673 of Orpheus's 156,940)."""
+    from .orpheus import AUDIO_IDS
+
+    e = settings.engine
+    rows = AUDIO_IDS + 1  # the audio ids and end_of_speech
+    return _engine_parts(config, dtype, device, e.max_streams, e.max_seq_len, e.prefill_chunk, rows, e.cuda_graphs,
+                         ("speech KV cache (engine.max_streams x engine.max_seq_len)",
+                          "speech prefill (engine.prefill_chunk)", "speech CUDA graphs")) + [
+        ("speech engine's audio head", rows * config.hidden_size * dtype_bytes(dtype))]
+
+
+def reply_engine_parts(config, dtype: torch.dtype, settings: Settings, device: torch.device) -> list[tuple[str, int]]:
+    """The reply engine (Voxtral's language model, `config` its text config): KV cache,
+    a whole prompt's prefill (prompts are fed whole, up to the slot's length) and CUDA graphs."""
+    e = settings.engine
+    return _engine_parts(config, dtype, device, e.reply_slots, e.reply_max_seq_len, e.reply_max_seq_len,
+                         config.vocab_size, e.cuda_graphs,
+                         ("reply KV cache (engine.reply_slots x engine.reply_max_seq_len)",
+                          "reply whole-prompt prefill (engine.reply_max_seq_len)", "reply CUDA graphs"))
 
 
 def resolve_source(name: str, kind: str) -> str:

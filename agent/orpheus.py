@@ -214,6 +214,7 @@ class OrpheusDirectModel(InProcessModel):
         from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
         from . import tiny
+        from .memory import placement
 
         try:
             random_3b = source == tiny.RANDOM_ORPHEUS_3B
@@ -225,7 +226,7 @@ class OrpheusDirectModel(InProcessModel):
                 model = tiny.random_llama(config, device, dtype)
             else:
                 tokenizer = AutoTokenizer.from_pretrained(source)
-                model = LlamaForCausalLM.from_pretrained(source, dtype=dtype)
+                model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, **placement(device))
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...

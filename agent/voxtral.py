@@ -123,6 +123,7 @@ class VoxtralModel(InProcessModel):
         from transformers import AutoConfig, VoxtralForConditionalGeneration, VoxtralProcessor
 
         from . import tiny
+        from .memory import placement
 
         try:
             random_mini = source == tiny.RANDOM_VOXTRAL_MINI
@@ -136,7 +137,7 @@ class VoxtralModel(InProcessModel):
                 model = tiny.random_voxtral(config, device, dtype)
             else:
                 processor = VoxtralProcessor.from_pretrained(source)
-                model = VoxtralForConditionalGeneration.from_pretrained(source, dtype=dtype)
+                model = VoxtralForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement(device))
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...
