@@ -5,6 +5,16 @@ One RtpSession per call ticks every 20 ms, paced by the clock: it hands the call
 next 20 ms (from a small reordering jitter buffer, with loss concealment) to the call,
 and sends the agent's next 20 ms (silence when it has nothing to say) to where the
 caller's packets come from (symmetric RTP, so callers behind NAT hear us).
+
+Symmetric RTP is a latch, not a follow-the-last-packet rule: nothing is sent before the
+call is confirmed (confirm(): the SIP ACK) and before the peer's own packets name an
+address, so an INVITE alone never makes the agent send traffic anywhere. The first media
+packet latches the peer (address and SSRC); after that a packet from any other source is
+neither played nor followed, unless that source keeps sending on its own (LATCH_PACKETS in
+a row with nothing from the latched one between, and, from another address, once the
+latched one has been quiet for LATCH_QUIET_S): a peer that moved, or restarted its stream
+with a new SSRC. A new SSRC, or a large jump in sequence numbers, resynchronises the
+jitter buffer. A failure in the tick is logged once and reported to `on_failure`.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ RESET_AFTER_S = 0.1  # a tick this late means the loop stalled: restart the cloc
 DTMF_EVENTS = "0123456789*#ABCD"
 CODECS = {"PCMU": (PcmuEncoder, PcmuDecoder), "PCMA": (PcmaEncoder, PcmaDecoder)}
 DTX_AFTER_TICKS = 3  # this many ticks with no packet, and the gap is heard as silence
+LATCH_PACKETS = 5  # media packets in a row from a new source before it may take the stream over
+LATCH_QUIET_S = 0.5  # ... and, from another address, only once the latched peer was quiet this long
 LOST = object()  # what JitterBuffer.pop() gives for a packet that never came
 
 
@@ -44,7 +56,10 @@ class JitterBuffer:
 
     It waits until `depth` packets are in before it starts, which absorbs that much
     network jitter. A packet still missing when a later one is due counts as lost
-    (LOST); a late or duplicate packet is dropped. 16-bit sequence numbers wrap."""
+    (LOST); a late or duplicate packet is dropped. 16-bit sequence numbers wrap. A packet
+    more than `capacity` away from the one due, either way, is no late or early packet
+    but a stream that jumped (an SBC, a re-INVITE, a restarted sender): the buffer
+    starts over from it."""
 
     def __init__(self, depth: int = 2, capacity: int = 50) -> None:
         self.depth = depth
@@ -53,20 +68,28 @@ class JitterBuffer:
         self._next: int | None = None  # extended sequence number due next
         self.lost = 0
         self.late = 0
+        self.resyncs = 0
 
     def put(self, seq: int, payload: bytes) -> None:
         if self._next is None:
             if len(self._packets) < self.capacity:
                 self._packets.setdefault(seq, payload)
             return
-        ahead = (seq - self._next) % 65536
-        if ahead >= 32768:  # behind what was already played: too late, or a duplicate
+        ahead = (seq - self._next + 32768) % 65536 - 32768  # signed distance from the packet due
+        if -self.capacity <= ahead < 0:  # behind what was already played: too late, or a duplicate
             self.late += 1
             return
-        if ahead >= self.capacity:  # a jump: the sender restarted its stream
-            self._packets.clear()
-            self._next += ahead
+        if not -self.capacity <= ahead < self.capacity:
+            self.resync()
+            self._packets[seq] = payload
+            return
         self._packets[self._next + ahead] = payload
+
+    def resync(self) -> None:
+        """Forget the stream so far: the next packets start it again (after `depth` of them)."""
+        self._packets.clear()
+        self._next = None
+        self.resyncs += 1
 
     @property
     def started(self) -> bool:
@@ -107,14 +130,26 @@ class RtpSession(asyncio.DatagramProtocol):
     gets each digit once."""
 
     def __init__(self, codec: str, payload_type: int, dtmf_payload_type: int | None,
-                 remote: tuple[str, int], take_frame: Callable[[], np.ndarray | None], out_rate: int,
+                 remote: tuple[str, int] | None, take_frame: Callable[[], np.ndarray | None], out_rate: int,
                  on_audio: Callable[[np.ndarray], None], on_dtmf: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, jitter_depth: int = 2) -> None:
+                 clock: Callable[[], float] = time.monotonic, jitter_depth: int = 2, confirmed: bool = True,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """`remote`: the address the SDP names (only informative: what is sent goes where the
+        peer's packets come from). `confirmed`: the call is confirmed already; else nothing
+        is sent before confirm()."""
         encoder, decoder = CODECS[codec]
+        self.codec = codec
         self.encoder, self.decoder = encoder(), decoder()
         self.payload_type = payload_type
         self.dtmf_payload_type = dtmf_payload_type
-        self.remote = remote
+        self.signalled = remote
+        self.remote: tuple[str, int] | None = None  # the latched peer: where its packets come from
+        self.peer_ssrc: int | None = None
+        self.confirmed = confirmed
+        self.on_failure = on_failure
+        self.last_heard: float | None = None  # clock() of the latched peer's latest packet (any kind)
+        self._candidate: tuple[tuple[str, int], int] | None = None  # a new source: (address, SSRC)
+        self._candidate_packets = 0
         self.take_frame = take_frame
         self.on_audio = on_audio
         self.on_dtmf = on_dtmf
@@ -134,6 +169,10 @@ class RtpSession(asyncio.DatagramProtocol):
         self.sent_at: deque[float] = deque(maxlen=10_000)  # when each packet left (pacing bench)
         self.received = 0
         self.dropped = 0
+        self.foreign = 0  # packets from sources other than the latched peer: not played
+        self.relatched = 0
+        self.decode_errors = 0
+        self.failure: BaseException | None = None
         self.loud_sent = 0  # packets that carried the agent's voice, not silence
         self._task: asyncio.Task | None = None
 
@@ -153,6 +192,10 @@ class RtpSession(asyncio.DatagramProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
+    def confirm(self) -> None:
+        """The call is confirmed (the SIP ACK came): media may go out, to the latched peer."""
+        self.confirmed = True
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -168,15 +211,48 @@ class RtpSession(asyncio.DatagramProtocol):
         except ValueError:
             self.dropped += 1
             return
-        if packet.payload_type == self.payload_type:
+        dtmf = self.dtmf_payload_type is not None and packet.payload_type == self.dtmf_payload_type
+        media = packet.payload_type == self.payload_type or dtmf
+        if not self._from_peer(addr, packet.ssrc, media):
+            self.foreign += 1
+            return
+        self.last_heard = self.clock()  # comfort noise and the like count: the peer is there
+        if packet.payload_type == self.payload_type and packet.payload:
+            # (An empty payload must never reach the decoder: FFmpeg takes it for the end of
+            # the stream, and every later packet then fails to decode.)
             self.jitter.put(packet.sequence_number, packet.payload)
-        elif self.dtmf_payload_type is not None and packet.payload_type == self.dtmf_payload_type:
+        elif dtmf:
             self._dtmf(packet)
         else:
             self.dropped += 1
             return
         self.received += 1
-        self.remote = addr  # symmetric RTP: answer where the caller really is
+
+    def _from_peer(self, addr: tuple[str, int], ssrc: int, media: bool) -> bool:
+        """Whether a packet comes from the latched peer, latching it first if need be (see
+        the module's docstring). Only media packets (the call's audio or DTMF payload type)
+        latch or move the latch."""
+        if self.remote == addr and self.peer_ssrc == ssrc:
+            self._candidate, self._candidate_packets = None, 0
+            return True
+        if not media:
+            return False
+        if self.remote is None:  # the call's first media packet
+            self.remote, self.peer_ssrc = addr, ssrc
+            return True
+        if self._candidate != (addr, ssrc):
+            self._candidate, self._candidate_packets = (addr, ssrc), 0
+        self._candidate_packets += 1
+        quiet = self.last_heard is None or self.clock() - self.last_heard >= LATCH_QUIET_S
+        if self._candidate_packets < LATCH_PACKETS or (addr != self.remote and not quiet):
+            return False
+        log.info("RTP: the peer moved from %s (SSRC %08x) to %s (SSRC %08x)", self.remote, self.peer_ssrc, addr, ssrc)
+        if ssrc != self.peer_ssrc:
+            self.jitter.resync()  # a new stream: its sequence numbers have nothing to do with the old
+        self.remote, self.peer_ssrc = addr, ssrc
+        self._candidate, self._candidate_packets = None, 0
+        self.relatched += 1
+        return True
 
     def _dtmf(self, packet: RtpPacket) -> None:
         event = parse_dtmf(packet.payload)
@@ -208,7 +284,12 @@ class RtpSession(asyncio.DatagramProtocol):
             self._concealed += 1
             return (self._last_in // 2) if self._concealed == 1 else np.zeros(SAMPLES, dtype=np.int16)
         self._concealed = 0
-        frames = self.decoder.decode(JitterFrame(payload, 0))
+        try:
+            frames = self.decoder.decode(JitterFrame(payload, 0))
+        except av.FFmpegError:  # never one bad payload for the rest of the call: a fresh decoder
+            self.decode_errors += 1
+            self.decoder = CODECS[self.codec][1]()
+            return None
         samples = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]) if frames else None
         if samples is not None:
             self._last_in = samples
@@ -233,6 +314,18 @@ class RtpSession(asyncio.DatagramProtocol):
         return packet.serialize()
 
     async def _tick(self) -> None:
+        """The media loop; a failure in it is logged once and handed to on_failure."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.failure = e
+            log.exception("RTP: the media loop failed")
+            if self.on_failure is not None:
+                self.on_failure(e)
+
+    async def _run(self) -> None:
         start, n = self.clock(), 0
         while True:
             due = start + n * PTIME_S
@@ -244,7 +337,7 @@ class RtpSession(asyncio.DatagramProtocol):
             caller = self._next_caller_audio()
             if caller is not None:
                 self.on_audio(caller)
-            if self.transport is not None and self.remote is not None:
+            if self.transport is not None and self.remote is not None and self.confirmed:
                 self.transport.sendto(self._next_packet(), self.remote)
                 self.sent_at.append(self.clock())
             n += 1

@@ -135,7 +135,7 @@ class SipClient(SipEndpoint):
                 codec = codec_from_answer(parse_sdp(answer.body))
             except SdpError as e:
                 raise CallFailed(f"{uri} answered with no usable SDP ({e}); hung up") from None
-            await self._start_media(call, codec, sock)
+            await self._start_media(call, codec, sock, confirmed=True)  # the 200 came and was ACKed
         except BaseException:  # CancelledError too: the call is not going ahead
             if call.rtp is None:
                 sock.close()
@@ -257,8 +257,9 @@ async def call_out(models: UnifiedModelManager, settings: Settings, uri: SipUri,
         call = dialing.result()
         answered_at = loop.time()
         rtp = call.rtp
+        # (The SDP's address: RTP goes where the callee's own packets come from, once they do.)
         say(f"answered: {call.codec.name}, RTP {hostport(local_host, rtp.transport.get_extra_info('sockname')[1])}"
-            f" <-> {hostport(*rtp.remote)}")
+            f" <-> {hostport(*rtp.signalled)}")
         events = asyncio.ensure_future(_say_events(call.session.events, say))
         ended = asyncio.ensure_future(call.done.wait())
         tasks += [events, ended]
