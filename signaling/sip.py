@@ -20,6 +20,15 @@ Responses go where RFC 3261 18.2.2 and RFC 3581 (rport) say, and the agent's req
 to where the peer's messages come from, so peers behind NAT get them. Anything malformed
 is answered 400 when it can be, dropped otherwise; nothing a peer sends may take the
 endpoint down. Not built: TCP, authentication, DNS SRV (RFC 3263).
+
+An INVITE costs nothing it can turn against a third party: no RTP goes out before the
+ACK (whose To tag proves the caller got our 200) and the caller's own packets name where
+it is. A call not confirmed within server.connect_timeout_s is dropped with one BYE and
+no Timer F wait, and one source address may hold server.max_unconfirmed_per_source such
+calls at most (486 beyond). A confirmed call whose peer sends no RTP at all (comfort noise
+counts) for server.media_timeout_s is taken for a vanished peer and hung up. Every task
+that carries a call (the RTP loop, the 2xx resends, the media watch) has its failure
+logged once, counted in `counts` and turned into an orderly end of that call.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ import random
 import re
 import socket
 import uuid
-from collections import deque
+from collections import Counter, deque
+from typing import Awaitable
 from dataclasses import dataclass, field
 
 from agent.config import Settings
@@ -105,6 +115,9 @@ class SipCall:
     session: CallSession | None = None
     dtmf: list[str] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    confirmed: bool = False  # the first ACK came (inbound), or the 200 (outbound): media may flow
+    provisional: bytes | None = None  # our latest provisional answer, for resends of the INVITE
+    created: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
     @property
     def call_id(self) -> str:
@@ -143,6 +156,9 @@ class SipEndpoint(asyncio.DatagramProtocol):
         self.ended: deque[SipCall] = deque(maxlen=100)  # recent calls, for health and tests
         self.transport: asyncio.DatagramTransport | None = None
         self.dropped = 0
+        # What went wrong, by kind ("media_failed", "media_timeout", "unconfirmed", ...): for metrics.
+        self.counts: Counter[str] = Counter()
+        self._ending: set[asyncio.Task] = set()  # calls being ended from a callback
         # Our requests waiting for answers, by (Via branch, CSeq method): CANCEL shares its INVITE's branch.
         self._transactions: dict[tuple[str, str], asyncio.Queue[SipMessage]] = {}
 
@@ -160,6 +176,10 @@ class SipEndpoint(asyncio.DatagramProtocol):
         """Hang up every call (BYE, given CLOSE_GRACE_S to be answered) and stop listening."""
         await asyncio.gather(*(self._end(call, "the agent shut down", bye=True, wait=CLOSE_GRACE_S)
                                for call in list(self.calls.values())), return_exceptions=True)
+        if self._ending:  # calls a failure is ending: their BYEs get the same grace
+            _, late = await asyncio.wait(set(self._ending), timeout=CLOSE_GRACE_S)
+            for task in late:
+                task.cancel()
         if self.transport is not None:
             self.transport.close()
 
@@ -181,7 +201,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
             return
         if msg.is_request:
             task = asyncio.ensure_future(self._on_request(msg, addr))
-            task.add_done_callback(_log_failure)
+            task.add_done_callback(self._request_done)
         else:
             self._on_response(msg)
 
@@ -206,8 +226,11 @@ class SipEndpoint(asyncio.DatagramProtocol):
             return
         if method == "ACK":  # never answered
             call = self.calls.get(msg.call_id)
-            if call is not None and msg.cseq[0] == call.ack_cseq:
+            # Our To tag in it: the sender got our 200 (a spoofed INVITE's sender never does).
+            if call is not None and not call.ended and msg.to_tag == call.local_tag and msg.cseq[0] == call.ack_cseq:
                 call.acked.set()
+                if not call.confirmed:
+                    self._confirmed(call)
             return
         refusal = _refusal(msg)
         if refusal is not None:
@@ -235,11 +258,29 @@ class SipEndpoint(asyncio.DatagramProtocol):
             else:
                 self._reinvite(call, msg, addr)
             return
-        if call is not None:  # their INVITE again: it gets what it got the first time
-            if not call.outbound and call.final_response is not None:
-                self.transport.sendto(call.final_response, response_address(msg.via[0], addr))
+        if call is not None:
+            self._invite_again(call, msg, addr)
             return
         await self._new_invite(msg, addr)
+
+    def _invite_again(self, call: SipCall, msg: SipMessage, addr: tuple[str, int]) -> None:
+        """An INVITE without To tag for a Call-ID we have. A retransmission is one of its
+        server transaction (RFC 3261 17.2.3: same top Via branch and sent-by, same CSeq; from
+        where it came) and gets what the first one got. Otherwise, with the same From tag,
+        Call-ID and CSeq, it is the same request come another way (a fork, a loop, or a
+        spoof): 8.2.2.2 says 482 Loop Detected. Anything else would be a new dialog on a
+        Call-ID already in use, which we cannot tell apart from the call's (they are keyed
+        by Call-ID): refused with 486, and the call in progress is untouched either way."""
+        if not call.outbound and _invite_key(msg, addr) == _invite_key(call.invite, call.source):
+            again = call.final_response or call.provisional
+            if again is not None:
+                self.transport.sendto(again, response_address(msg.via[0], addr))
+            return
+        if msg.from_tag == call.invite.from_tag and msg.cseq == call.invite.cseq:
+            self.counts["loop_detected"] += 1
+            self._respond(msg, addr, 482)
+        else:
+            self._respond(msg, addr, 486, reason="Busy Here (that Call-ID is in use)")
 
     async def _new_invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
         raise NotImplementedError
@@ -269,40 +310,105 @@ class SipEndpoint(asyncio.DatagramProtocol):
 
     # -- calls ----------------------------------------------------------------------
 
-    async def _start_media(self, call: SipCall, codec: Codec, sock: socket.socket) -> None:
+    async def _start_media(self, call: SipCall, codec: Codec, sock: socket.socket, confirmed: bool = False) -> None:
         """The call's CallSession and RTP stream, on `sock` (bound: our SDP names its port):
-        the peer's audio into the session at 8 kHz, the session's frames out, DTMF to it."""
+        the peer's audio into the session at 8 kHz, the session's frames out, DTMF to it.
+        Nothing goes out until the call is `confirmed` (see _confirmed)."""
         session = CallSession(self.models, self.settings, voice=self.voice, echo_guard=True)  # lines echo it back
         rtp = RtpSession(codec.name, codec.payload_type, codec.dtmf_payload_type, (codec.remote_ip, codec.remote_port),
                          lambda: _samples(session), OUT_RATE, lambda samples: session.push_audio(samples, 8000),
-                         lambda digit: self._dtmf(call, digit))
+                         lambda digit: self._dtmf(call, digit), on_failure=lambda e: self._media_failed(call, e),
+                         confirmed=False)
         call.codec, call.session, call.rtp = codec, session, rtp  # set first, so that _end() closes them whatever happens
         await rtp.start(sock=sock)
+        if confirmed:
+            self._confirmed(call)
+
+    def _confirmed(self, call: SipCall) -> None:
+        """The dialog is confirmed (the ACK came, or the callee's 200): media may go out, to
+        where the peer's own packets come from, and a peer that then falls silent is watched for."""
+        call.confirmed = True
+        if call.rtp is not None:
+            call.rtp.confirm()
+            self._call_task(call, self._watch_media(call), "media_watch")
+
+    async def _watch_media(self, call: SipCall) -> None:
+        """End the call once the peer has sent no RTP at all for server.media_timeout_s."""
+        rtp, timeout = call.rtp, self.settings.server.media_timeout_s
+        since = rtp.clock()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            last = max(since, rtp.last_heard or since)
+            if rtp.clock() - last > timeout:
+                break
+        self.counts["media_timeout"] += 1
+        log.warning("call %s: no RTP from the caller for %.0f s; hanging up", call.call_id, timeout)
+        # The peer is most likely gone: its BYE gets a short while to be answered, not Timer F.
+        await self._end(call, f"no RTP came for {timeout:.0f} s", bye=True, wait=CLOSE_GRACE_S)
+
+    def _media_failed(self, call: SipCall, error: BaseException) -> None:
+        """The RTP loop died (RtpSession logged why): the call cannot go on; end it in order."""
+        self.counts["media_failed"] += 1
+        self._end_soon(call, f"the media failed ({type(error).__name__})")
+
+    def _call_task(self, call: SipCall, coro: Awaitable, name: str) -> asyncio.Task:
+        """A task that belongs to a call (cancelled when it ends); its failure is logged once,
+        counted as `name`_failed and ends the call."""
+        task = asyncio.ensure_future(coro)
+        call.tasks.append(task)
+
+        def done(task: asyncio.Task) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            log.error("call %s: %s failed", call.call_id, name, exc_info=task.exception())
+            self.counts[f"{name}_failed"] += 1
+            self._end_soon(call, f"{name} failed ({type(task.exception()).__name__})")
+
+        task.add_done_callback(done)
+        return task
+
+    def _end_soon(self, call: SipCall, reason: str) -> None:
+        """End a call from a callback (BYE to the peer if the call was confirmed)."""
+        if call.ended:
+            return
+        task = asyncio.ensure_future(self._end(call, reason, bye=True))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     def _dtmf(self, call: SipCall, digit: str) -> None:
         call.dtmf.append(digit)
         log.info("call %s: DTMF %s", call.call_id, digit)
         if call.session is not None and call.session.push_dtmf(digit) and not call.ended:
-            call.tasks.append(asyncio.ensure_future(call.hangup(f"the caller pressed the hang-up key {digit}")))
+            self._call_task(call, call.hangup(f"the caller pressed the hang-up key {digit}"), "hangup")
 
     def _send_2xx(self, call: SipCall, data: bytes, cseq: int, to: tuple[str, int]) -> None:
         """Send our 2xx to an INVITE and resend it until its ACK comes (RFC 3261 13.3.1.4)."""
         call.final_response, call.ack_cseq, call.acked = data, cseq, asyncio.Event()
         self.transport.sendto(data, to)
-        call.tasks.append(asyncio.ensure_future(self._resend_until_ack(call, data, to)))
+        self._call_task(call, self._resend_until_ack(call, data, to), "2xx_resend")
 
     async def _resend_until_ack(self, call: SipCall, data: bytes, to: tuple[str, int]) -> None:
-        acked, interval, waited = call.acked, T1, 0.0
-        while waited < TIMER_H:
+        loop = asyncio.get_running_loop()
+        limit = TIMER_H
+        if not call.confirmed:  # a first answer: the call must be confirmed within connect_timeout_s of its INVITE
+            limit = min(TIMER_H, call.created + self.settings.server.connect_timeout_s - loop.time())
+        acked, interval, deadline = call.acked, T1, loop.time() + limit
+        while (left := deadline - loop.time()) > 0:
             try:
-                await asyncio.wait_for(acked.wait(), interval)
+                await asyncio.wait_for(acked.wait(), min(interval, left))
                 return
             except asyncio.TimeoutError:
-                waited += interval
                 interval = min(2 * interval, T2)
-                self.transport.sendto(data, to)
-        log.warning("call %s: no ACK after %.0f s; ending it", call.call_id, TIMER_H)
-        await self._end(call, f"no ACK came in {TIMER_H:.0f} s", bye=True)
+                if deadline - loop.time() > 0:
+                    self.transport.sendto(data, to)
+        log.warning("call %s: no ACK after %.0f s; ending it", call.call_id, loop.time() - call.created)
+        if call.confirmed:  # a re-INVITE's 2xx: the call was up, hang it up properly (RFC 3261 13.3.1.4)
+            await self._end(call, f"no ACK came in {limit:.0f} s", bye=True)
+            return
+        # Never confirmed: maybe no caller at all (a spoofed source). One BYE, as 13.3.1.4
+        # asks, but no Timer F: nothing of the call is kept waiting for its answer.
+        self.counts["unconfirmed"] += 1
+        await self._end(call, f"not confirmed (no ACK) in {limit:.0f} s", bye=True, wait=0)
 
     async def _end(self, call: SipCall, reason: str, bye: bool = False, wait: float = TIMER_F) -> int | None:
         """End a call: stop its media and its session, then with `bye` (the agent hangs up)
@@ -319,7 +425,9 @@ class SipEndpoint(asyncio.DatagramProtocol):
         if call.session is not None:
             await call.session.close()
         status = None
-        if bye and call.answered:
+        if bye and call.answered and wait <= 0:  # one BYE, not waited for
+            self.transport.sendto(call.dialog.request("BYE", self._via()).to_bytes(), call.dialog.peer)
+        elif bye and call.answered:
             # The call stays in self.calls meanwhile: a BYE crossing ours gets its 200.
             answer = await self._send_request(call.dialog.request("BYE", self._via()), call.dialog.peer, wait)
             status = None if answer is None else answer.status
@@ -372,9 +480,15 @@ class SipEndpoint(asyncio.DatagramProtocol):
                 break
         return response.to_bytes()
 
-    def _respond(self, request: SipMessage, addr, status: int, **kwargs) -> None:
+    def _respond(self, request: SipMessage, addr, status: int, **kwargs) -> bytes:
         data = self._response_bytes(request, addr, status, **kwargs)
         self.transport.sendto(data, response_address(request.via[0], addr))
+        return data
+
+    def _request_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.counts["request_failed"] += 1
+            log.error("SIP request failed", exc_info=task.exception())
 
     def _reject_malformed(self, data: bytes, addr, error: Exception) -> None:
         """A 400 (505 for another SIP version) when the message names enough to answer it
@@ -415,6 +529,11 @@ class SipServer(SipEndpoint):
             self._respond(msg, addr, 503, reason="Service Unavailable (the models are still loading)",
                           headers=[("Retry-After", "10")])
             return
+        if self._unconfirmed_from(addr[0]) >= self.settings.server.max_unconfirmed_per_source:
+            # One address must not hold every slot with INVITEs it never ACKs.
+            self.counts["refused_unconfirmed"] += 1
+            self._respond(msg, addr, 486, reason="Busy Here (too many unconfirmed calls from this address)")
+            return
         if not self.slots.free:  # taken below, when the call is made (no await in between)
             self._respond(msg, addr, 486, reason="Busy Here (call limit reached)")
             return
@@ -436,7 +555,7 @@ class SipServer(SipEndpoint):
         self.calls[call.call_id] = call
         self.slots.take(f"sip:{id(call)}", "sip")  # keyed by the call object: Call-IDs are the peer's choice
         self._respond(msg, addr, 100)
-        self._respond(msg, addr, 180, to_tag=call.local_tag)
+        call.provisional = self._respond(msg, addr, 180, to_tag=call.local_tag)
         if self.ring_s:
             await asyncio.sleep(self.ring_s)
         if call.ended:  # cancelled while ringing
@@ -463,6 +582,18 @@ class SipServer(SipEndpoint):
         self._send_2xx(call, ok, msg.cseq[0], response_address(msg.via[0], addr))
         log.info("call %s answered (%s, RTP %d -> %s:%d)", call.call_id, codec.name, sock.getsockname()[1],
                  codec.remote_ip, codec.remote_port)
+
+    def _unconfirmed_from(self, ip: str) -> int:
+        return sum(1 for call in self.calls.values()
+                   if not call.outbound and not call.confirmed and call.source is not None and call.source[0] == ip)
+
+
+def _invite_key(invite: SipMessage, source: tuple[str, int] | None) -> tuple:
+    """What identifies an INVITE's server transaction (RFC 3261 17.2.3): its top Via's branch
+    and sent-by, its CSeq, and where it came from. (For an RFC 2543 peer, whose branches are
+    not unique, the From tag and Request-URI stand in, as 17.2.3 allows.)"""
+    via = invite.via[0]
+    return via.branch, via.host.lower(), via.port, invite.cseq, invite.from_tag, invite.uri, source
 
 
 def _inbound_dialog(invite: SipMessage, source: tuple[str, int]) -> Dialog:
@@ -527,8 +658,3 @@ def hostport(host: str, port: int) -> str:
 
 def _one_line(text: str, limit: int = 100) -> str:
     return re.sub(r"[\r\n]", " ", text)[:limit]
-
-
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("SIP request failed", exc_info=task.exception())

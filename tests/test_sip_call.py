@@ -35,10 +35,11 @@ needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp (Debi
 
 def sipp_uas(tmp_path: Path, scenario: str, port: int, listen_ms: int = 0) -> list[str]:
     """The command line of a SIPp UAS on 127.0.0.1:port playing tests/sipp/<scenario> with
-    question 1 as its caller's speech."""
+    question 1 as its caller's speech, then silence (RTP goes on, as from a phone: a peer
+    that sends nothing for server.media_timeout_s is hung up on)."""
     speech = read_audio(HERE / "fixtures" / "question1.wav", 8000)
     ulaw = tmp_path / "question.ulaw"
-    ulaw_file(ulaw, np.concatenate([np.zeros(4000, np.int16), speech]))
+    ulaw_file(ulaw, np.concatenate([np.zeros(4000, np.int16), speech, np.zeros(60 * 8000, np.int16)]))
     xml = tmp_path / scenario
     xml.write_text((HERE / "sipp" / scenario).read_text().replace("{ULAW}", str(ulaw))
                    .replace("{LISTEN_MS}", str(listen_ms)).replace("{DTMF_PCAP}", str(DTMF_PCAP)))
