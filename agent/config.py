@@ -36,6 +36,7 @@ class OrpheusSettings:
     top_p: float
     repetition_penalty: float
     max_tokens: int
+    tokens_per_char: float
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ _RANGES = {
     "orpheus.top_p": (1e-6, 1.0),
     "orpheus.repetition_penalty": (1.0, 10.0),
     "orpheus.max_tokens": (7, 100_000),
+    "orpheus.tokens_per_char": (0.01, 100.0),
     "snac.max_frames_per_window": (1, 256),
     "tts.max_retries": (0, 100),
     "tts.retry_backoff_s": (0.0, 60.0),

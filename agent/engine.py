@@ -708,6 +708,8 @@ class SpeechBatcher(SlotBatcher):
                 stream.finished = True
                 continue
             stream._take(token, now)
+            if stream.finished:  # its token limit, not end_of_speech: the audio fades out
+                stream.decoder.fade_at_end()
             frame = stream.assembler.push(token)
             if frame is not None:
                 stream.decoder.add(frame)

@@ -184,6 +184,11 @@ class TokenStream(CachedGeneration):
         self.position = 0  # audio tokens generated so far
         self.stopped_by_model = False  # True when the model chose end_of_speech
 
+    @property
+    def truncated(self) -> bool:
+        """The stream reached max_tokens before the model ended it."""
+        return not self.stopped_by_model and self.position >= self.params.max_tokens
+
     @torch.inference_mode()
     def step(self) -> int | None:
         """Run one forward pass and return the next audio token, or None when done."""

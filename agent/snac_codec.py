@@ -21,6 +21,9 @@ from .orpheus import FRAME_TOKENS
 SAMPLE_RATE = 24000
 FRAME_SAMPLES = 2048
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
+# A stream cut off at its token limit ends mid-sound; its last samples fade out over
+# this long (15 ms), so it ends at zero rather than with a click.
+FADE_SAMPLES = 360
 
 # The published hubertsiuzdak/snac_24khz config.
 SNAC_24KHZ_CONFIG = {
@@ -137,6 +140,11 @@ class StreamingSNACDecoder:
         self._gen_s_per_frame: float | None = None  # time between frames, decoding excluded
         self._decode_s_per_frame: float | None = None  # decode time per window frame
         self._last_push_done: float | None = None
+        self._fade_at_end = False
+
+    def fade_at_end(self) -> None:
+        """The stream was cut off (its token limit): the final audio fades out to silence."""
+        self._fade_at_end = True
 
     def push(self, frame: Sequence[int]) -> np.ndarray | None:
         """Add one frame; return new audio (float32) when some is ready."""
@@ -209,6 +217,8 @@ class StreamingSNACDecoder:
         lo = (window.emit_start - window.start) * FRAME_SAMPLES
         hi = (window.emit_end - window.start) * FRAME_SAMPLES
         out = audio[lo:hi].float().cpu().numpy()
+        if self._fade_at_end and window.emit_end == len(self.frames):  # the last frame goes out
+            out = fade_out(out, FADE_SAMPLES)
         self.decode_s += elapsed
         self._decode_s_per_frame = _ema(self._decode_s_per_frame, elapsed / window.frames)
         self.windows += 1
@@ -262,6 +272,16 @@ def decode_batch(snac, jobs: Sequence[tuple[StreamingSNACDecoder, Window]], pad_
             decoder, window = jobs[i]
             out[i] = decoder.accept(window, audio[row, 0], share)
     return out  # type: ignore[return-value]
+
+
+def fade_out(audio: np.ndarray, samples: int) -> np.ndarray:
+    """`audio` with its last `samples` ramped down (raised cosine) to exactly zero."""
+    n = min(samples, len(audio))
+    if n == 0:
+        return audio
+    out = audio.copy()
+    out[-n:] *= (0.5 + 0.5 * np.cos(np.linspace(0.0, np.pi, n))).astype(out.dtype)
+    return out
 
 
 def _ema(previous: float | None, value: float, alpha: float = 0.3) -> float:

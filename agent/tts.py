@@ -63,6 +63,14 @@ def _pack(sentence: str, max_chars: int) -> list[str]:
     return [c for chunk in chunks for c in _pack(chunk, max_chars)]
 
 
+def sentence_chars(settings: Settings) -> int:
+    """The longest text spoken as one stream: tts.max_sentence_chars, and no more than
+    orpheus.max_tokens can say at orpheus.tokens_per_char, so that a long sentence is split
+    at a clause or a space rather than cut off mid-word at the token limit."""
+    o = settings.orpheus
+    return max(1, min(settings.tts.max_sentence_chars, int(o.max_tokens / o.tokens_per_char)))
+
+
 class SpeechStream:
     """One sentence being spoken, advanced on the device thread. advance() runs decode
     steps (and a SNAC window when one is due) until new audio comes out, the stream
@@ -86,6 +94,8 @@ class SpeechStream:
         token = self.tokens.step()
         if token is None:
             self.done = True
+            if self.tokens.truncated:
+                self.decoder.fade_at_end()
             audio = self.decoder.flush()
         else:
             if self.first_token_at is None:
@@ -124,6 +134,10 @@ class TTSServiceDirect:
         # Every model call runs on the device thread (shared with Voxtral when given).
         self._owns_thread = device_thread is None
         self.device_thread = device_thread or DeviceThread()
+        if sentence_chars(settings) < settings.tts.max_sentence_chars:
+            log.info("sentences of over %d characters are split (orpheus.max_tokens %d at orpheus.tokens_per_char "
+                     "%g), though tts.max_sentence_chars is %d", sentence_chars(settings),
+                     settings.orpheus.max_tokens, settings.orpheus.tokens_per_char, settings.tts.max_sentence_chars)
 
     # -- validation -------------------------------------------------------------
 
@@ -154,7 +168,7 @@ class TTSServiceDirect:
             seed = self.settings.tts.seed if self.settings.tts.seed >= 0 else random.randrange(2**31)
         m = metrics or self.monitor.start(voice, text)
         try:
-            for index, sentence in enumerate(split_sentences(text, self.settings.tts.max_sentence_chars)):
+            for index, sentence in enumerate(split_sentences(text, sentence_chars(self.settings))):
                 async for chunk, voice in self._sentence_with_retries(sentence, voice, seed + index, m):
                     yield chunk
         except AudioGenerationError as e:

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from agent.errors import AudioGenerationError, InputError
-from agent.snac_codec import FRAME_SAMPLES
-from agent.tts import split_sentences
+from agent.config import load_settings
+from agent.snac_codec import FADE_SAMPLES, FRAME_SAMPLES
+from agent.tts import sentence_chars, split_sentences
 
 
 async def collect(agen):
@@ -22,6 +23,39 @@ def test_split_sentences():
     parts = split_sentences(long, 40)
     assert all(len(p) <= 40 for p in parts) and " ".join(parts) == " ".join(long.split())
     assert split_sentences("x" * 60, 20) == ["x" * 60]  # one word is never cut
+
+
+def test_a_sentence_fits_the_token_budget():
+    """A sentence longer than orpheus.max_tokens can say would be cut off mid-word: the
+    default settings agree (200 characters x 7 tokens <= 1400), and a longer
+    tts.max_sentence_chars gives way to what max_tokens allows."""
+    settings = load_settings("default", env={})
+    o = settings.orpheus
+    assert sentence_chars(settings) == settings.tts.max_sentence_chars == 200
+    assert sentence_chars(settings) * o.tokens_per_char <= o.max_tokens
+    longer = settings.replace("tts", max_sentence_chars=250)
+    assert sentence_chars(longer) == 200
+    assert sentence_chars(longer.replace("orpheus", max_tokens=700)) == 100
+
+
+async def test_a_sentence_split_for_the_token_budget(make_service, tiny_settings):
+    service = make_service(tiny_settings.replace("orpheus", tokens_per_char=5.0))  # 140 tokens: 28 characters
+    text = "This sentence is far too long for one stream of the tiny model."
+    await collect(service.synthesize(text, "tara", seed=1))
+    assert service.monitor.requests[-1].tokens == 3 * 140  # three pieces, each cut at max_tokens
+
+
+async def test_speech_cut_at_max_tokens_fades_out(make_service):
+    """The tiny model never says end_of_speech, so every stream stops at max_tokens: on
+    a frame boundary, with its last 15 ms faded to silence (no click)."""
+    service = make_service()
+    audio = np.concatenate(await collect(service.synthesize("Fade me out.", "tara", seed=3)))
+    m = service.monitor.requests[-1]
+    assert m.tokens == service.settings.orpheus.max_tokens and len(audio) == m.tokens // 7 * FRAME_SAMPLES
+    tail = np.abs(audio[-FADE_SAMPLES:].astype(float))
+    peak = np.abs(audio.astype(float)).max()
+    assert audio[-1] == 0 and tail[-FADE_SAMPLES // 10:].max() < 0.05 * peak
+    assert tail[:FADE_SAMPLES // 2].max() > tail[-FADE_SAMPLES // 4:].max()
 
 
 async def test_streams_int16_chunks_with_every_frame(make_service):
