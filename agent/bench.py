@@ -327,14 +327,17 @@ def bench_streams(settings, levels: Sequence[int] | None = None, tokens: int = 7
 REPLY_LEVELS = (1, 2, 4, 8)
 
 
-def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 32) -> dict:
+def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 32, history: int = 0) -> dict:
     """Voxtral replies to n callers at once, side by side: the single path (each reply its
     own forward passes, interleaved on the device thread) and the reply engine (one decode
     step for all): tokens/s per reply (min, p50), all replies together, and time to the
     first token. The callers' audio is a 2 s tone: with random weights only the compute
-    matters. Replies run to `tokens` unless the model ends them sooner."""
+    matters. Replies run to `tokens` unless the model ends them sooner. `history` > 0 adds
+    one reply after that many remembered turns, side by side: each turn's audio extracted
+    and encoded again on the device thread (as before TurnAudio) and kept from the turn's
+    own reply, with the prompt built in a worker thread (as a session does)."""
     from .models import UnifiedModelManager
-    from .voxtral import ReplyParams
+    from .voxtral import ChatTurn, ReplyParams, TurnAudio
 
     levels = sorted(set(levels or REPLY_LEVELS))
     settings = settings.replace("engine", reply_slots=levels[-1])
@@ -349,7 +352,8 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
         device = models.device_thread
         t0 = time.perf_counter()
         if batched:
-            stream = await device.run(models.open_reply, audio, [], "", params, seed, asyncio.get_running_loop())
+            prompt = await asyncio.to_thread(models.voxtral.reply_prompt, audio, [], "")
+            stream = await device.run(models.open_reply, prompt, params, seed, asyncio.get_running_loop())
         else:
             stream = await device.run(models.voxtral.reply_stream, audio, [], "", params, seed)
         times = []
@@ -369,6 +373,50 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
                 "p50_tokens_per_s": _pct(rates, 50), "all_tokens_per_s": round(sum(k for k, _, _ in results) / wall, 1),
                 "first_token_ms_p50": _pct([f * 1000 for _, _, f in results], 50)}
 
+    async def after_history(turns: list, cached: bool, seed: int) -> tuple[float, float]:
+        """(ms to the first token, ms of device-thread work for the whole reply: opening it,
+        the prefill with its encoding, the decode steps) of one reply."""
+        device, loop = models.device_thread, asyncio.get_running_loop()
+        busy, t0 = device.busy_s, time.perf_counter()
+        if cached:
+            prompt = await asyncio.to_thread(models.voxtral.reply_prompt, audio, turns, "")
+            stream = await device.run(models.open_reply, prompt, params, seed, loop)
+        else:
+            fresh = [ChatTurn(t.role, t.audio.samples if t.audio is not None else None, t.text) for t in turns]
+            stream = await device.run(
+                lambda: models.open_reply(models.voxtral.reply_prompt(audio, fresh, ""), params, seed, loop))
+        try:
+            await models.next_reply_piece(stream)
+            first = time.perf_counter() - t0
+            while await models.next_reply_piece(stream) is not None:
+                pass
+        finally:
+            stream.close()
+        await device.run(int)  # after the last step, whose time is counted as it ends
+        return first * 1000, (device.busy_s - busy) * 1000
+
+    async def history_side_by_side(n: int, runs: int = 3) -> dict:
+        turns = []
+        for i in range(n):  # each remembered turn was encoded once, by its own reply
+            heard = TurnAudio(np.roll(audio, 1000 * (i + 1)))
+            await asyncio.to_thread(models.voxtral.reply_prompt, heard, [], "")
+            await models.device_thread.run(models.voxtral.encode, heard)
+            turns += [ChatTurn("user", audio=heard), ChatTurn("assistant", text="Sure, I can help with that.")]
+        times: dict[str, list] = {"uncached": [], "cached": []}
+        await after_history(turns, True, 0)  # warm-up
+        for r in range(runs):  # alternated, so a change in the machine's load hits both
+            for name in times:
+                times[name].append(await after_history(turns, name == "cached", r))
+        out: dict = {"turns": n, "runs": runs}
+        for name, pairs in times.items():
+            out[name] = {"first_token_ms_p50": _pct([f for f, _ in pairs], 50),
+                         "device_ms_p50": _pct([b for _, b in pairs], 50)}
+        out["first_token_uncached_vs_cached"] = round(
+            out["uncached"]["first_token_ms_p50"] / max(out["cached"]["first_token_ms_p50"], 1e-9), 2)
+        out["device_uncached_vs_cached"] = round(
+            out["uncached"]["device_ms_p50"] / max(out["cached"]["device_ms_p50"], 1e-9), 2)
+        return out
+
     try:
         result: dict = {**_environment(models), "tokens": tokens, "single": [], "engine": []}
         asyncio.run(level(1, True))  # warm-up
@@ -379,6 +427,8 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
         result["engine_vs_single_all_tokens_per_s"] = [
             round(e["all_tokens_per_s"] / max(s["all_tokens_per_s"], 1e-9), 2)
             for s, e in zip(result["single"], result["engine"])]
+        if history:
+            result["history"] = asyncio.run(history_side_by_side(history))
         return result
     finally:
         models.unload()

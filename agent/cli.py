@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="Voxtral replies to many callers at once: the single path vs the reply engine")
     replies.add_argument("--levels", metavar="N,N,...", help="replies at once to try, up to 1024 (default 1,2,4,8)")
     replies.add_argument("--tokens", type=int, default=32, help="tokens per reply (default 32)")
+    replies.add_argument("--history", type=int, default=0, metavar="N",
+                         help="also time one reply after N remembered turns, their encodings kept or redone")
     replies.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
@@ -339,7 +341,9 @@ def cmd_bench_engine(args: argparse.Namespace, settings: Settings) -> int:
     if args.bench == "replies":
         if not 2 <= args.tokens <= 4096:
             raise InputError("--tokens must be between 2 and 4096")
-        result = bench_replies(settings, _levels(args), args.tokens)
+        if not 0 <= args.history <= 100:
+            raise InputError("--history must be between 0 and 100")
+        result = bench_replies(settings, _levels(args), args.tokens, args.history)
     else:
         if args.tokens < 28 or args.tokens % 7:
             raise InputError("--tokens must be a multiple of 7, at least 28 (the baseline's first audio)")

@@ -153,20 +153,17 @@ class UnifiedModelManager:
             return
         self.memory.check_plan(plan)
 
-    def open_reply(self, audio, history, instructions: str, params, seed: int, loop, instructions_first: bool = False):
-        """Start Voxtral's reply to `audio` after `history` (on the device thread): a
-        BatchedReply where the reply engine has room for the prompt and the longest reply,
-        else a TextStream (the single path)."""
-        from .voxtral import TextStream
-
-        inputs = self.voxtral.reply_inputs(audio, history, instructions, instructions_first)
+    def open_reply(self, prompt, params, seed: int, loop):
+        """Start Voxtral's reply to a prompt from VoxtralModel.reply_prompt (on the device
+        thread): a BatchedReply where the reply engine has room for the prompt and the
+        longest reply, else a TextStream (the single path)."""
         if self.replies is not None:
-            prompt = inputs["input_ids"].shape[-1]
-            if prompt + params.max_new_tokens <= self.replies.llama.scratch:
-                return self.replies.admit(inputs, params, seed, loop)
+            length = prompt.input_ids.shape[-1]
+            if length + params.max_new_tokens <= self.replies.llama.scratch:
+                return self.replies.admit(prompt, params, seed, loop)
             log.info("a prompt of %d tokens leaves no room for a reply in engine.reply_max_seq_len (%d): "
-                     "answered by the single path", prompt, self.settings.engine.reply_max_seq_len)
-        return TextStream(self.voxtral, inputs, params, seed)
+                     "answered by the single path", length, self.settings.engine.reply_max_seq_len)
+        return self.voxtral.text_stream(prompt, params, seed)
 
     async def next_reply_piece(self, stream) -> str | None:
         """The next piece of a reply from open_reply (None at its end): a BatchedReply is

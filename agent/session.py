@@ -32,7 +32,7 @@ from .echo import EchoGuard
 from .models import UnifiedModelManager
 from .vad import RATE as IN_RATE
 from .vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
-from .voxtral import ChatTurn, ReplyParams
+from .voxtral import ChatTurn, ReplyParams, TurnAudio
 
 log = logging.getLogger(__name__)
 OUT_RATE = 24000
@@ -282,7 +282,9 @@ class CallSession:
         self.outbound = OutboundAudio(frame_samples, max_frames, on_played=self._on_played)
         self.events: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize=1000)
         self.turns: list[TurnRecord] = []
-        self._context: deque[tuple[np.ndarray, TurnRecord]] = deque(maxlen=s.session.max_history_turns)
+        # Remembered turns: the caller's audio (with its features or encoding, computed once)
+        # and what became of the reply.
+        self._context: deque[tuple[TurnAudio, TurnRecord]] = deque(maxlen=s.session.max_history_turns)
         self._unanswered = np.zeros(0, dtype=np.int16)  # caller audio of a turn cut before any reply was heard
         self._turn_task: asyncio.Task | None = None
         self._current: TurnRecord | None = None
@@ -304,7 +306,7 @@ class CallSession:
         for audio, record in self._context:
             if not record.played_text:
                 continue  # cut before a word was heard after the turn ended
-            turns.append(ChatTurn("user", audio=_to_float(audio)))
+            turns.append(ChatTurn("user", audio=audio))
             turns.append(ChatTurn("assistant", text=record.played_text or ""))
         return turns
 
@@ -366,7 +368,8 @@ class CallSession:
 
     async def _run_turn(self, record: TurnRecord, audio: np.ndarray) -> None:
         texts: asyncio.Queue = asyncio.Queue()
-        producer = asyncio.create_task(self._reply_text(record, audio, texts))
+        heard = TurnAudio(_to_float(audio))
+        producer = asyncio.create_task(self._reply_text(record, heard, texts))
         try:
             await self._speak(record, texts)
             if record.played_text is None:
@@ -381,9 +384,9 @@ class CallSession:
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
-            self._remember(record, audio)
+            self._remember(record, audio, heard)
 
-    def _remember(self, record: TurnRecord, audio: np.ndarray) -> None:
+    def _remember(self, record: TurnRecord, audio: np.ndarray, heard: TurnAudio) -> None:
         if record.error is not None:
             return
         if record.interrupted and not record.played_text:
@@ -391,18 +394,22 @@ class CallSession:
             self._unanswered = audio
             return
         if self._context.maxlen:
-            self._context.append((audio, record))
+            self._context.append((heard, record))
 
-    async def _reply_text(self, record: TurnRecord, audio: np.ndarray, texts: asyncio.Queue) -> None:
+    async def _reply_text(self, record: TurnRecord, audio: TurnAudio, texts: asyncio.Queue) -> None:
         v = self.settings.voxtral
         params = ReplyParams(v.temperature, v.top_p, v.max_new_tokens)
         segmenter = TextSegmenter(self.settings.session.min_first_chunk_chars)
         device = self.models.device_thread
         stream = None
         try:
-            stream = await device.open(self.models.open_reply, _to_float(audio), self.history,
-                                       self.settings.session.instructions, params, self.seed + record.index,
-                                       asyncio.get_running_loop(), self.settings.session.instructions_first)
+            # The prompt (tokens, the new audio's features) is CPU work: it is built in a
+            # worker thread, so the device thread keeps every call's speech going meanwhile.
+            session = self.settings.session
+            prompt = await asyncio.to_thread(self.models.voxtral.reply_prompt, audio, self.history,
+                                             session.instructions, session.instructions_first)
+            stream = await device.open(self.models.open_reply, prompt, params, self.seed + record.index,
+                                       asyncio.get_running_loop())
             while (piece := await self.models.next_reply_piece(stream)) is not None:
                 if record.t_first_token is None:
                     record.t_first_token = self.now()
@@ -465,6 +472,7 @@ class CallSession:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        self._context.clear()  # the remembered turns' encodings (device memory)
 
 
 def _to_float(pcm: np.ndarray) -> np.ndarray:

@@ -37,11 +37,48 @@ SAMPLE_RATE = 16000
 MIN_SAMPLES = 1280
 
 
+class TurnAudio:
+    """One caller turn's audio as Voxtral takes it, with what is computed from it: its mel
+    features (made off the device thread) until the encoder runs on them, then the
+    encoder's output (the turn's [AUDIO] embeddings, on the device). A session keeps one
+    per remembered turn, so a turn is extracted and encoded once, not again for every
+    later reply; dropping it (the turn leaves the history, the call ends) frees it."""
+
+    def __init__(self, samples: np.ndarray) -> None:
+        self.samples = prepare_audio(samples)
+        self.features: torch.Tensor | None = None  # (chunks, mel bins, 3000), CPU
+        self.embeddings: torch.Tensor | None = None  # (chunks x 375, hidden), on the device
+        self.encodes = 0  # times the encoder ran on it
+        self._wav: str | None = None
+
+    @property
+    def wav(self) -> str:
+        """The audio as a base64 WAV, the form the chat template takes (made once)."""
+        if self._wav is None:
+            self._wav = wav_base64(self.samples)
+        return self._wav
+
+    @property
+    def pending(self) -> bool:
+        """Neither features nor embeddings yet. The device thread sets the embeddings
+        before it drops the features, so a reader never sees both gone."""
+        return self.features is None and self.embeddings is None
+
+
 @dataclass(frozen=True)
 class ChatTurn:
     role: str  # "user" or "assistant"
-    audio: np.ndarray | None = None  # user turns: float32 mono 16 kHz in [-1, 1]
+    # User turns: float32 mono 16 kHz in [-1, 1], or a TurnAudio that keeps its encoding.
+    audio: np.ndarray | TurnAudio | None = None
     text: str | None = None  # assistant turns (and optional user text)
+
+
+@dataclass(frozen=True)
+class ReplyPrompt:
+    """A reply's prompt, built off the device thread: the token ids, and the audio of
+    each [AUDIO] run in order (features ready, or already encoded)."""
+    input_ids: torch.Tensor  # (1, T)
+    audio: tuple[TurnAudio, ...]
 
 
 @dataclass(frozen=True)
@@ -57,16 +94,13 @@ class TextStream(CachedGeneration):
     None when finished. close() frees the KV cache at once, from any thread.
     """
 
-    def __init__(self, model: "VoxtralModel", inputs: dict[str, torch.Tensor], params: ReplyParams,
-                 seed: int) -> None:
-        # Prefill input: the prompt ids and the mel features of every audio in it.
-        super().__init__({
-            "input_ids": inputs["input_ids"].to(model.device),
-            "input_features": inputs["input_features"].to(model.device, model.dtype),
-        })
+    def __init__(self, model: "VoxtralModel", prefill: dict[str, torch.Tensor], prompt_ids: list[int],
+                 params: ReplyParams, seed: int) -> None:
+        # Prefill input: the prompt's embeddings (a reply), or its ids and mel features.
+        super().__init__(prefill)
         self.model = model
         self.params = params
-        self.prompt_ids: list[int] = inputs["input_ids"][0].tolist()
+        self.prompt_ids = prompt_ids
         self.prompt_tokens = len(self.prompt_ids)
         self.eos_token_id = model.eos_token_id
         self.generator = torch.Generator()  # CPU: sample_index draws its uniforms there
@@ -145,33 +179,65 @@ class VoxtralModel(InProcessModel):
         model.to(device).eval()
         return cls(model, processor, source)
 
-    def reply_stream(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
+    def reply_stream(self, audio: np.ndarray | TurnAudio, history: Sequence[ChatTurn], instructions: str,
                      params: ReplyParams, seed: int, instructions_first: bool = False) -> TextStream:
         """Understanding mode: answer `audio`, the caller's new turn, after `history`."""
-        return TextStream(self, self.reply_inputs(audio, history, instructions, instructions_first), params, seed)
+        return self.text_stream(self.reply_prompt(audio, history, instructions, instructions_first), params, seed)
 
-    def reply_inputs(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
-                     instructions_first: bool = False) -> dict:
-        """The processor's prompt for a reply: input_ids (1, T) and input_features."""
+    def text_stream(self, prompt: ReplyPrompt, params: ReplyParams, seed: int) -> TextStream:
+        """The single path for a prompt (on the device thread: the audio is encoded here)."""
+        return TextStream(self, {"inputs_embeds": self.prompt_embeddings(prompt)[None]},
+                          prompt.input_ids[0].tolist(), params, seed)
+
+    def reply_prompt(self, audio: np.ndarray | TurnAudio, history: Sequence[ChatTurn], instructions: str,
+                     instructions_first: bool = False) -> ReplyPrompt:
+        """The prompt for a reply to `audio` after `history`. CPU work only (tokenizing,
+        and mel features for audio not seen before), so it runs off the device thread."""
         from mistral_common.exceptions import MistralCommonException
 
-        conversation = self.conversation(audio, history, instructions, instructions_first)
+        audio = audio if isinstance(audio, TurnAudio) else TurnAudio(audio)
+        turns = [ChatTurn(t.role, _turn_audio(t.audio), t.text) for t in history]
+        conversation = self.conversation(audio, turns, instructions, instructions_first)
         try:
-            return self.processor.apply_chat_template(conversation)
+            encoded = self.processor.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)
         except (MistralCommonException, ValueError) as e:  # mistral-common rejects the structure
             raise InputError(f"cannot build the Voxtral prompt: {first_line(e)}") from e
+        spoken = tuple(t.audio for t in [*turns, ChatTurn("user", audio)] if t.role == "user" and t.audio is not None)
+        for turn, samples in zip(spoken, encoded["audio"], strict=True):  # as the tokenizer padded them
+            if turn.pending:
+                turn.features = self._features(samples)
+        return ReplyPrompt(torch.tensor([encoded["input_ids"]]), spoken)
+
+    def _features(self, samples: np.ndarray) -> torch.Tensor:
+        """Mel features of one audio, in 30 s chunks (chunks, mel bins, 3000), as the
+        processor's apply_chat_template makes them."""
+        kwargs = dict(self.processor.audio_kwargs)
+        positions = kwargs.pop("max_source_positions")
+        features = self.processor.feature_extractor(samples, **kwargs)["input_features"]
+        return features.reshape(self.processor.feature_extractor.feature_size, -1, positions).transpose(0, 1)
 
     @torch.inference_mode()
-    def prompt_embeddings(self, inputs: dict) -> torch.Tensor:
+    def encode(self, audio: TurnAudio) -> torch.Tensor:
+        """The turn's [AUDIO] embeddings (on the device thread): the encoder runs the first
+        time only."""
+        if audio.embeddings is None:
+            features = audio.features.to(self.device, self.dtype)  # reply_prompt made them
+            out = self.model.model.get_audio_features(features, return_dict=True).pooler_output
+            audio.embeddings = out.reshape(-1, out.shape[-1])
+            audio.encodes += 1
+            audio.features = None
+        return audio.embeddings
+
+    @torch.inference_mode()
+    def prompt_embeddings(self, prompt: ReplyPrompt) -> torch.Tensor:
         """The prompt as the language model's input embeddings (T, hidden): the text's
-        token embeddings with the audio encoder's output in the [AUDIO] placeholders, as
+        token embeddings with each turn's encoded audio in its [AUDIO] placeholders, as
         transformers' Voxtral forward builds them."""
         m = self.model.model
-        ids = inputs["input_ids"].to(self.device)
+        ids = prompt.input_ids.to(self.device)
         embeds = m.get_input_embeddings()(ids)
-        if inputs.get("input_features") is not None:
-            features = inputs["input_features"].to(self.device, self.dtype)
-            audio = m.get_audio_features(features, return_dict=True).pooler_output
+        if prompt.audio:
+            audio = torch.cat([self.encode(a) for a in prompt.audio])
             mask = (ids == m.config.audio_token_id)[..., None].expand_as(embeds)
             embeds = embeds.masked_scatter(mask, audio.to(embeds.dtype))
         return embeds[0]
@@ -187,9 +253,11 @@ class VoxtralModel(InProcessModel):
                 sampling_rate=SAMPLE_RATE, format="wav")
         except (MistralCommonException, ValueError) as e:  # pydantic's error for an unknown language too
             raise InputError(f"cannot build the Voxtral transcription prompt: {first_line(e)}") from e
-        return TextStream(self, inputs, params, seed)
+        prefill = {"input_ids": inputs["input_ids"].to(self.device),
+                   "input_features": inputs["input_features"].to(self.device, self.dtype)}
+        return TextStream(self, prefill, inputs["input_ids"][0].tolist(), params, seed)
 
-    def conversation(self, audio: np.ndarray, history: Sequence[ChatTurn], instructions: str,
+    def conversation(self, audio: np.ndarray | TurnAudio, history: Sequence[ChatTurn], instructions: str,
                      instructions_first: bool = False) -> list[dict]:
         """The chat for the processor: history, then the new user turn. Voxtral takes no
         system prompt, so the instructions go in the first user message, after its audio:
@@ -214,7 +282,7 @@ class VoxtralModel(InProcessModel):
             elif turn.role == "user":
                 texts = [{"type": "text", "text": t} for t in (pending, turn.text) if t]
                 pending = ""
-                audio_part = [{"type": "audio", "base64": wav_base64(turn.audio)}] if turn.audio is not None else []
+                audio_part = [{"type": "audio", "base64": _turn_audio(turn.audio).wav}] if turn.audio is not None else []
                 content = texts + audio_part if instructions_first else audio_part + texts
                 if content:
                     messages.append({"role": "user", "content": content})
@@ -241,10 +309,10 @@ class BatchedReply(SlotStream):
     next_piece() and stops it with close(); `text` and `stopped_by_model` are as in
     TextStream, and `tokens` holds what TextStream calls `token_ids`."""
 
-    def __init__(self, inputs: dict, params: ReplyParams, seed: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prompt: ReplyPrompt, params: ReplyParams, seed: int, loop: asyncio.AbstractEventLoop) -> None:
         # The prompt is its token ids until ReplyBatcher._prepare makes it the embeddings.
-        super().__init__(inputs["input_ids"][0], params.max_new_tokens, loop)
-        self.inputs: dict | None = inputs
+        super().__init__(prompt.input_ids[0], params.max_new_tokens, loop)
+        self.reply_prompt: ReplyPrompt | None = prompt
         self.params = params
         self.generator = torch.Generator()  # CPU, seeded as TextStream's: the same draws
         self.generator.manual_seed(seed)
@@ -260,8 +328,9 @@ class BatchedReply(SlotStream):
 class ReplyBatcher(SlotBatcher):
     """Voxtral's replies for every call, decoded together: one decode step of the
     language model for all replies under way (continuous batching on the engine's static
-    cache, CUDA graphs on a GPU). The audio encoder runs once per reply, as its prefill
-    starts; the prompt is then fed whole (`whole_prompts`)."""
+    cache, CUDA graphs on a GPU). The audio encoder runs on a reply's new audio as its
+    prefill starts (remembered turns keep their encoding); the prompt is then fed whole
+    (`whole_prompts`)."""
 
     def __init__(self, voxtral: "VoxtralModel", slots: int, max_seq_len: int, prefill_chunk: int,
                  cuda_graphs: bool) -> None:
@@ -275,9 +344,10 @@ class ReplyBatcher(SlotBatcher):
         # the others' decode steps in between.
         self.whole_prompts = True
 
-    def admit(self, inputs: dict, params: ReplyParams, seed: int, loop: asyncio.AbstractEventLoop) -> BatchedReply:
+    def admit(self, prompt: ReplyPrompt, params: ReplyParams, seed: int,
+              loop: asyncio.AbstractEventLoop) -> BatchedReply:
         """A new reply (on the device thread); it starts at the next step with a free slot."""
-        stream = BatchedReply(inputs, params, seed, loop)
+        stream = BatchedReply(prompt, params, seed, loop)
         self._enqueue(stream, "a Voxtral prompt")
         return stream
 
@@ -285,8 +355,8 @@ class ReplyBatcher(SlotBatcher):
         """The audio is encoded when the reply's prefill starts, not when it is admitted, so
         replies arriving together reach their first tokens in turn rather than all after
         every encoding."""
-        stream.prompt = self.voxtral.prompt_embeddings(stream.inputs)
-        stream.inputs = None
+        stream.prompt = self.voxtral.prompt_embeddings(stream.reply_prompt)
+        stream.reply_prompt = None
 
     def _sample(self, streams: list[BatchedReply], logits: torch.Tensor) -> None:
         params = [s.params for s in streams]
@@ -308,6 +378,11 @@ class ReplyBatcher(SlotBatcher):
             if stream.finished:
                 stream._deliver(None)
                 self._release(stream)
+
+
+def _turn_audio(audio: np.ndarray | TurnAudio | None) -> TurnAudio | None:
+    """Audio given as samples gets a TurnAudio of its own (used for this prompt only)."""
+    return audio if audio is None or isinstance(audio, TurnAudio) else TurnAudio(audio)
 
 
 def prepare_audio(audio: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The call session on the tiny profile: turns, barge-in, history, failures, headless runs."""
 
 import asyncio
+import threading
 import json
 import subprocess
 import sys
@@ -117,29 +118,37 @@ async def test_barge_in_cuts_the_reply(models, tiny_settings, speech):
 
 async def test_history_stays_bounded(models, tiny_settings, speech):
     settings = tiny_settings.replace("session", max_history_turns=2)
-    real = models.voxtral.reply_inputs
+    real = models.voxtral.reply_prompt
     seen = []
+
+    threads, encoded = set(), []
 
     def recording_history(audio, history, *args, **kwargs):
         seen.append([(t.role, t.text) for t in history])
+        threads.add(threading.current_thread().name)
+        encoded.append([t.audio.encodes for t in history if t.role == "user"])
         return real(audio, history, *args, **kwargs)
 
-    models.voxtral.reply_inputs = recording_history
+    models.voxtral.reply_prompt = recording_history
     try:
         gap = silence(6.0)  # longer than a tiny reply takes to play on a slow CPU (idle time is skipped)
         caller = np.concatenate([silence(0.5), speech[0], gap, speech[1], gap, speech[0], gap, speech[1], gap])
         result = await run_call(models, caller, np.zeros(0, np.int16), settings, seed=4)
     finally:
-        models.voxtral.reply_inputs = real
+        models.voxtral.reply_prompt = real
     assert len(result.turns) == 4 and not any(t.interrupted for t in result.turns)
     assert [len(h) for h in seen] == [0, 2, 4, 4]  # user + assistant per remembered turn
+    # Each remembered turn comes with its encoding from its own reply: never encoded again.
+    assert encoded == [[], [1], [1, 1], [1, 1]]
+    # The prompts were built off the device thread (and off the event loop).
+    assert "device" not in threads and threading.current_thread().name not in threads
     # The last context holds turns 2 and 3, with the replies as played.
     assert [text for role, text in seen[3] if role == "assistant"] == [
         result.turns[1].played_text, result.turns[2].played_text]
 
 
 async def test_a_failing_turn_does_not_end_the_call(models, tiny_settings, speech):
-    real = models.voxtral.reply_inputs
+    real = models.voxtral.reply_prompt
     calls = []
 
     def flaky(*args, **kwargs):
@@ -148,12 +157,12 @@ async def test_a_failing_turn_does_not_end_the_call(models, tiny_settings, speec
             raise RuntimeError("injected model failure")
         return real(*args, **kwargs)
 
-    models.voxtral.reply_inputs = flaky
+    models.voxtral.reply_prompt = flaky
     try:
         caller = np.concatenate([silence(0.5), speech[0], silence(6.0), speech[1], silence(4.0)])
         result = await run_call(models, caller, np.zeros(0, np.int16), tiny_settings, seed=2)
     finally:
-        models.voxtral.reply_inputs = real
+        models.voxtral.reply_prompt = real
     assert len(result.turns) == 2
     assert "injected model failure" in result.turns[0].error
     assert result.turns[1].error is None and result.turns[1].reply_text and result.turns[1].agent_start

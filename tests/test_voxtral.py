@@ -9,7 +9,7 @@ from transformers import VoxtralForConditionalGeneration
 
 from agent.errors import InputError, InsufficientVRAMError, ModelInitializationError
 from agent.tiny import tiny_voxtral_dir
-from agent.voxtral import (SAMPLE_RATE, ChatTurn, ReplyParams, VoxtralModel, estimate_voxtral_bytes)
+from agent.voxtral import (SAMPLE_RATE, ChatTurn, ReplyParams, TurnAudio, VoxtralModel, estimate_voxtral_bytes)
 
 AUDIO, BEGIN_AUDIO, TRANSCRIBE, BOS, EOS, INST, END_INST = 24, 25, 34, 1, 2, 3, 4
 TOKENS_PER_30S = 375
@@ -133,6 +133,37 @@ def test_history_and_instructions_grow_the_prompt(voxtral):
     assert ids[start:start + len(said_ids) + 2] == [*said_ids, EOS, INST]
     assert ids.count(BEGIN_AUDIO) == 2 and ids.count(AUDIO) == 2 * TOKENS_PER_30S
     assert len(run(stream)) == 4
+
+
+def test_reply_prompt_is_the_processors(voxtral):
+    """reply_prompt tokenizes as the processor's apply_chat_template does and makes the
+    same features, for the audio not yet encoded only."""
+    history = [ChatTurn("user", audio=tone(2.0, 330.0)), ChatTurn("assistant", text="Sure.")]
+    full = voxtral.processor.apply_chat_template(voxtral.conversation(tone(35.0), history, "Be brief."))
+    prompt = voxtral.reply_prompt(tone(35.0), history, "Be brief.")
+    assert torch.equal(prompt.input_ids, full["input_ids"])
+    assert [a.features.shape[0] for a in prompt.audio] == [1, 2]  # 2 s: one 30 s chunk; 35 s: two
+    assert torch.equal(torch.cat([a.features for a in prompt.audio]), full["input_features"])
+    remembered = TurnAudio(tone(2.0, 330.0))
+    voxtral.encode(voxtral.reply_prompt(remembered, [], "").audio[0])
+    again = voxtral.reply_prompt(tone(1.0), [ChatTurn("user", audio=remembered), ChatTurn("assistant", text="Sure.")], "")
+    assert again.audio[0] is remembered and remembered.features is None  # not extracted again
+
+
+def test_remembered_turns_are_encoded_once_with_the_same_tokens(voxtral):
+    """A session keeps each turn's TurnAudio: the encoder runs once per turn audio, and a
+    reply gets the same tokens as with the history's audio given afresh."""
+    params = ReplyParams(max_new_tokens=6)
+    turns = [TurnAudio(tone(1.0 + i, 200.0 + 60 * i)) for i in range(4)]
+    history: list[ChatTurn] = []
+    for i, audio in enumerate(turns):
+        stream = voxtral.reply_stream(audio, history, "Be brief.", params, seed=i)
+        run(stream)
+        assert [t.encodes for t in turns[:i + 1]] == [1] * (i + 1)
+        fresh = [ChatTurn(t.role, t.audio.samples if t.audio is not None else None, t.text) for t in history]
+        alone = voxtral.reply_stream(audio.samples, fresh, "Be brief.", params, seed=i)
+        assert run(alone) and alone.token_ids == stream.token_ids and alone.prompt_ids == stream.prompt_ids
+        history += [ChatTurn("user", audio=audio), ChatTurn("assistant", text=stream.text or "ok")]
 
 
 def test_agent_greeting_first_gets_a_user_message_with_the_instructions(voxtral):
@@ -282,8 +313,8 @@ async def test_batched_replies_give_the_tokens_they_give_alone(voxtral, whole_pr
     plans = [(tone(1.5), [], "Be brief.", 12, 3), (tone(2.0, 440.0), history, "", 5, 4), (tone(0.5), [], "", 9, 5)]
     streams = []
     for i, (audio, hist, instructions, max_new, seed) in enumerate(plans):
-        inputs = voxtral.reply_inputs(audio, hist, instructions)
-        streams.append(batcher.admit(inputs, ReplyParams(max_new_tokens=max_new), seed, loop))
+        prompt = voxtral.reply_prompt(audio, hist, instructions)
+        streams.append(batcher.admit(prompt, ReplyParams(max_new_tokens=max_new), seed, loop))
         if i == 2:
             assert len(batcher.waiting) == 1  # two slots, both busy
         for _ in range(3 * i):  # the next reply arrives a few steps later
@@ -301,7 +332,7 @@ async def test_a_closed_batched_reply_leaves_at_the_next_step(voxtral):
 
     loop = asyncio.get_running_loop()
     batcher = _reply_batcher(voxtral, slots=1)
-    inputs = voxtral.reply_inputs(tone(1.0), [], "")
+    inputs = voxtral.reply_prompt(tone(1.0), [], "")
     first = batcher.admit(inputs, ReplyParams(max_new_tokens=50), 1, loop)
     second = batcher.admit(inputs, ReplyParams(max_new_tokens=5), 2, loop)
     for _ in range(8):
@@ -325,10 +356,10 @@ def test_a_prompt_too_long_for_the_reply_engine_takes_the_single_path(models):
     models.replies = _reply_batcher(models.voxtral, slots=1, max_seq_len=512)  # not stepped: admit only
     try:
         params = ReplyParams(max_new_tokens=4)
-        fits = models.open_reply(tone(1.0), [], "", params, 0, None)  # 375 audio positions + a few
+        fits = models.open_reply(models.voxtral.reply_prompt(tone(1.0), [], ""), params, 0, None)  # 375 + a few
         assert isinstance(fits, BatchedReply) and fits.prompt.shape[0] + 4 <= 511
         fits.close()
-        too_long = models.open_reply(tone(35.0), [], "", params, 0, None)  # two 30 s chunks: 750 positions
+        too_long = models.open_reply(models.voxtral.reply_prompt(tone(35.0), [], ""), params, 0, None)  # 750
         assert isinstance(too_long, TextStream) and too_long.prompt_tokens > 511
         assert len(run(too_long)) == 4
     finally:
