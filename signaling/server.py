@@ -4,40 +4,55 @@ health and Prometheus metrics.
     GET  /               the web client (web/index.html; its files under /static/)
     POST /offer          {"sdp", "type": "offer", "voice"?} -> {"sdp", "type": "answer", "call_id"}
     DELETE /calls/{id}   hang up
-    GET  /health         JSON: model status, active calls, voices
+    GET  /health         JSON: model status, calls by transport, free call slots, voices
     GET  /metrics        Prometheus text
 
-Every error is a JSON body {"error": reason} with a 4xx/5xx status; one bad request
-never disturbs the calls in progress.
+Every error is a JSON body {"error": reason} with a 4xx/5xx status, those aiohttp makes
+itself for requests it cannot parse included (JsonErrorRunner); one bad request never
+disturbs the calls in progress. `server.max_calls` is one limit for the process: WebRTC
+and SIP calls hold slots of the same CallSlots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
+import json
 import logging
-import os
+import mimetypes
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiortc import RTCSessionDescription
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from agent.config import Settings
 from agent.models import UnifiedModelManager
 from agent.session import TurnFinished
 
+from . import webrtc
+from .slots import CallSlots
 from .webrtc import WebRTCCall
 
 log = logging.getLogger(__name__)
 WEB = Path(__file__).resolve().parent.parent / "web"
 LAG_INTERVAL_S = 0.1
+TRANSPORTS = ("webrtc", "sip")
+# What answer() raises for an offer it cannot use; until webrtc.py defines BadOffer,
+# aiortc's own ValueError is the usual one (and any other exception is taken as such).
+BAD_OFFER: type[Exception] = getattr(webrtc, "BadOffer", ValueError)
 
 MODELS = web.AppKey("models", UnifiedModelManager)
 SETTINGS = web.AppKey("settings", Settings)
 CALLS = web.AppKey("calls", dict)
+SLOTS = web.AppKey("slots", CallSlots)
+SIP = web.AppKey("sip", object)  # the SipServer of `serve --sip-port`, for its counters
 
 LAG_MONITOR = web.AppKey("lag_monitor", asyncio.Task)
 LOADER = web.AppKey("loader", asyncio.Task)
@@ -48,14 +63,17 @@ def error(status: int, reason: str) -> web.Response:
 
 
 class Metrics:
-    """The server's Prometheus metrics, in a registry of its own."""
+    """The server's Prometheus metrics, in a registry of its own. `sip` gives the SIP
+    endpoint (or None) whose `counts` are read at each scrape."""
 
-    def __init__(self) -> None:
+    def __init__(self, sip: Callable[[], Any] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.calls = Counter("voice_agent_calls", "Calls answered", registry=r)
+        self.calls = Counter("voice_agent_calls", "WebRTC calls answered", registry=r)
         self.rejected = Counter("voice_agent_calls_rejected", "Offers refused", ["reason"], registry=r)
-        self.active = Gauge("voice_agent_calls_active", "Calls in progress", registry=r)
+        self.active = Gauge("voice_agent_calls_active", "Calls in progress, by transport", ["transport"], registry=r)
+        self.free_slots = Gauge("voice_agent_call_slots_free", "Calls that can still start (server.max_calls)",
+                                registry=r)
         self.turns = Counter("voice_agent_turns", "Turns answered, by outcome", ["outcome"], registry=r)
         self.latency = Histogram("voice_agent_turn_latency_seconds",
                                  "From the end of the caller's speech to each stage of the reply", ["stage"],
@@ -64,20 +82,42 @@ class Metrics:
                                   buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5), registry=r)
         self.gpu_memory = Gauge("voice_agent_gpu_memory_mib", "GPU memory (MiB)", ["kind"], registry=r)
         self.models_ready = Gauge("voice_agent_models_ready", "1 when the models are loaded", registry=r)
+        r.register(_SipCounts(sip))
+
+    def count_slots(self, slots: CallSlots) -> None:
+        held = slots.by_transport()
+        for transport in TRANSPORTS:
+            self.active.labels(transport).set(held.get(transport, 0))
+        self.free_slots.set(slots.free)
+
+
+class _SipCounts:
+    """The SIP endpoint's own counters (SipEndpoint.counts, a Counter), read at each scrape."""
+
+    def __init__(self, sip: Callable[[], Any]) -> None:
+        self.sip = sip
+
+    def collect(self):
+        family = CounterMetricFamily("voice_agent_sip_events", "SIP endpoint events, by kind", labels=["event"])
+        for event, n in sorted(getattr(self.sip(), "counts", None) or {}.items()):
+            family.add_metric([str(event)], n)
+        yield family
 
 
 METRICS = web.AppKey("metrics", Metrics)
 
 
 def create_app(models: UnifiedModelManager, settings: Settings) -> web.Application:
-    """The aiohttp application; the models are loaded by the caller (or being loaded)."""
+    """The aiohttp application; the models are loaded by the caller (or being loaded).
+    Its CallSlots (app[SLOTS]) are the process's: give them to the SipServer too."""
     app = web.Application(client_max_size=settings.server.max_body_kb * 1024, middlewares=[json_errors])
     app[MODELS] = models
     app[SETTINGS] = settings
     app[CALLS] = {}
-    app[METRICS] = Metrics()
+    app[SLOTS] = CallSlots(settings.server.max_calls)
+    app[METRICS] = Metrics(lambda: app.get(SIP))
     app.router.add_get("/", index)
-    app.router.add_static("/static/", WEB, show_index=False)
+    app.router.add_get("/static/{name:.*}", static_file)
     app.router.add_post("/offer", offer)
     app.router.add_delete("/calls/{call_id}", hang_up)
     app.router.add_get("/health", health)
@@ -101,23 +141,114 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error(500, "internal error")
 
 
-async def index(request: web.Request) -> web.StreamResponse:
-    return web.FileResponse(WEB / "index.html")
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, with its own error answers (a request line, header
+    or body framing it cannot parse, an unknown method or Content-Encoding) as JSON."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response is under way: only the connection can go
+            raise ConnectionError("the response has started; cannot send an error")
+        reason = "internal error" if status >= 500 else _first_line(message or (str(exc) if exc else "bad request"))
+        log.info("HTTP %d to %s: %s", status, request.remote, reason)
+        response = error(status, reason)
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """An AppRunner whose connections answer even unparsable requests with JSON errors."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # the same server, only its connections' class differs
+        return server
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[0] if lines else "bad request").rstrip(":")[:limit]
+
+
+async def index(request: web.Request) -> web.Response:
+    return _file_response(WEB / "index.html")
+
+
+async def static_file(request: web.Request) -> web.Response:
+    path = web_file(request.match_info["name"])
+    if path is None:
+        return error(404, "no such file")
+    return _file_response(path)
+
+
+def web_file(name: str) -> Path | None:
+    """The file of web/ that `name` (the path after /static/, as aiohttp decoded it) names,
+    or None. Only plain relative names of regular files inside web/ qualify: no empty, dot
+    or dot-dot segments, no backslashes, no absolute paths, nothing that resolves (through
+    a link) outside web/."""
+    if not name or any(c in name for c in "\\\x00") or name.startswith("/"):
+        return None
+    if any(not part or part.startswith(".") for part in name.split("/")):
+        return None
+    path = (WEB / name).resolve()
+    return path if path.is_relative_to(WEB) and path.is_file() else None
+
+
+def _file_response(path: Path) -> web.Response:
+    """The whole file in one response: web/'s files are small, and a FileResponse's own
+    errors (a file gone meanwhile, a bad Range) would not be JSON."""
+    try:
+        body = path.read_bytes()
+    except OSError:
+        return error(404, "no such file")
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
+
+
+async def read_json_body(request: web.Request, max_body_kb: int) -> tuple[Any, web.Response | None]:
+    """(the body as JSON, None), or (None, the 4xx to answer): too large, undecodable
+    (Content-Encoding, framing), an unknown charset, not text, not JSON, nested too deep."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return None, error(413, f"request body over {max_body_kb} KiB")
+    except (RequestPayloadError, HttpProcessingError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, HttpProcessingError) else e
+        detail = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+        response = error(400, f"cannot read the body: {_first_line(detail or type(cause).__name__)}")
+        response.force_close()  # the rest of the body cannot be parsed: this connection is done
+        request.content.feed_eof()  # and aiohttp need not try to drain it after the answer
+        return None, response
+    charset = request.charset or "utf-8"
+    try:
+        codecs.lookup(charset)
+        text = raw.decode(charset)
+    except LookupError:  # unknown, or not a text encoding (rot13, zlib...)
+        return None, error(415, f"unknown charset {charset[:40]!r}")
+    except UnicodeError:
+        return None, error(400, f"the body is not {charset[:40]} text")
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, error(400, "the body is JSON nested too deeply")
+    except ValueError:
+        return None, error(400, "the body is not JSON")
 
 
 async def offer(request: web.Request) -> web.Response:
     models: UnifiedModelManager = request.app[MODELS]
     settings: Settings = request.app[SETTINGS]
-    calls: dict[str, WebRTCCall] = request.app[CALLS]
+    slots: CallSlots = request.app[SLOTS]
     m: Metrics = request.app[METRICS]
-    try:
-        body = await request.json()
-    except web.HTTPRequestEntityTooLarge:
-        m.rejected.labels("too_large").inc()
-        return error(413, f"request body over {settings.server.max_body_kb} KiB")
-    except (ValueError, UnicodeDecodeError):
-        m.rejected.labels("bad_request").inc()
-        return error(400, "the body is not JSON")
+    body, refusal = await read_json_body(request, settings.server.max_body_kb)
+    if refusal is not None:
+        m.rejected.labels("too_large" if refusal.status == 413 else "bad_request").inc()
+        return refusal
     problem = _check_offer(body, settings)
     if problem:
         m.rejected.labels("bad_request").inc()
@@ -125,22 +256,29 @@ async def offer(request: web.Request) -> web.Response:
     if not models.ready:
         m.rejected.labels("not_ready").inc()
         return error(503, "the models are still loading; try again shortly")
-    if len(calls) >= settings.server.max_calls:
+    if not slots.free:
         m.rejected.labels("call_limit").inc()
-        return error(503, f"the agent is busy: {settings.server.max_calls} calls in progress, the limit")
+        return error(503, f"the agent is busy: {slots.limit} calls in progress, the limit")
     call = WebRTCCall(models, settings, body.get("voice") or None, on_event=_count_turns(m),
                       on_closed=lambda c: _forget(request.app, c))
-    calls[call.id] = call  # counts against the limit while it is negotiated
+    slots.take(_slot(call), "webrtc")  # held while it is negotiated; no await since the check
+    request.app[CALLS][call.id] = call
+    answered = False
     try:
         answer = await call.answer(RTCSessionDescription(sdp=body["sdp"], type="offer"))
-    except Exception as e:  # aiortc raises ValueError and others on SDP it cannot use
+        answered = True
+    except Exception as e:  # noqa: BLE001 - BadOffer, or what aiortc raises on SDP it cannot use
+        if not isinstance(e, BAD_OFFER):
+            log.warning("offer refused by an unexpected %s", type(e).__name__, exc_info=e)
         log.info("offer refused: %s", e)
-        await call.close()
         m.rejected.labels("bad_sdp").inc()
-        return error(400, f"cannot use this SDP offer: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        return error(400, f"cannot use this SDP offer: {_first_line(str(e) or type(e).__name__)}")
+    finally:
+        if not answered:  # whatever happened (a cancelled request too), its slot is freed
+            await _discard(request.app, call)
     m.calls.inc()
-    m.active.set(len(calls))
-    log.info("call %s answered (%d active)", call.id, len(calls))
+    m.count_slots(slots)
+    log.info("call %s answered (%d calls in progress)", call.id, slots.count())
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "call_id": call.id})
 
 
@@ -168,27 +306,47 @@ def _count_turns(m: Metrics):
     return on_event
 
 
+def _slot(call: WebRTCCall) -> str:
+    return f"webrtc:{call.id}"  # SIP's slots are keyed "sip:...": ids never collide
+
+
 def _forget(app: web.Application, call: WebRTCCall) -> None:
+    """The call is over: out of the list, its slot free (idempotent)."""
     app[CALLS].pop(call.id, None)
-    app[METRICS].active.set(len(app[CALLS]))
+    app[SLOTS].release(_slot(call))
+    app[METRICS].count_slots(app[SLOTS])
+
+
+async def _discard(app: web.Application, call: WebRTCCall) -> None:
+    """Close a call and forget it, even if closing it fails."""
+    try:
+        await call.close()
+    except Exception:  # noqa: BLE001 - its slot must be freed whatever aiortc does
+        log.warning("call %s: closing it failed", call.id, exc_info=True)
+    finally:
+        _forget(app, call)
 
 
 async def hang_up(request: web.Request) -> web.Response:
     call = request.app[CALLS].get(request.match_info["call_id"])
     if call is None:
         return error(404, "no such call")
-    await call.close()
+    await _discard(request.app, call)
     return web.json_response({"call_id": call.id, "state": "ended"})
 
 
 async def health(request: web.Request) -> web.Response:
     models: UnifiedModelManager = request.app[MODELS]
     settings: Settings = request.app[SETTINGS]
+    slots: CallSlots = request.app[SLOTS]
+    held = slots.by_transport()
     return web.json_response({
         "status": "ready" if models.ready else "loading",
         "models": models.loaded,
-        "active_calls": len(request.app[CALLS]),
-        "max_calls": settings.server.max_calls,
+        "active_calls": slots.count(),
+        "calls_by_transport": {t: held.get(t, 0) for t in TRANSPORTS},
+        "free_slots": slots.free,
+        "max_calls": slots.limit,
         "voices": list(settings.tts.voices),
         "default_voice": settings.session.voice or settings.tts.default_voice,
     })
@@ -198,7 +356,7 @@ async def metrics(request: web.Request) -> web.Response:
     m: Metrics = request.app[METRICS]
     models: UnifiedModelManager = request.app[MODELS]
     m.models_ready.set(1 if models.ready else 0)
-    m.active.set(len(request.app[CALLS]))
+    m.count_slots(request.app[SLOTS])
     for kind, value in models.memory.stats().items():
         m.gpu_memory.labels(kind.removesuffix("_mib")).set(value)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -216,20 +374,39 @@ async def start_lag_monitor(app: web.Application) -> None:
 
 async def close_all_calls(app: web.Application) -> None:
     app[LAG_MONITOR].cancel()
-    await asyncio.gather(*(call.close() for call in list(app[CALLS].values())), return_exceptions=True)
+    await asyncio.gather(*(_discard(app, call) for call in list(app[CALLS].values())))
+
+
+async def run_server(app: web.Application, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve `app` on host:port until `stop` is set or SIGINT/SIGTERM, then shut down
+    gracefully (calls hung up, SIP closed)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = JsonErrorRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("listening on http://%s:%d/ while the models load", host, port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def serve(settings: Settings, host: str, port: int, sip_port: int = 0) -> None:
-    """Answer calls until interrupted (Ctrl-C). The page and /health answer at once;
-    the models load in the background meanwhile (/health says "loading", /offer 503).
+    """Answer calls until interrupted (Ctrl-C, SIGTERM). The page and /health answer at
+    once; the models load in the background meanwhile (/health says "loading", /offer 503).
     If they cannot be loaded, the server stops and the error is raised. With a SIP port,
-    phone calls are answered there too (UDP)."""
+    phone calls are answered there too (UDP), within the same call limit."""
     from .sip import SipServer
 
     models = UnifiedModelManager(settings)
     app = create_app(models, settings)
     failure: list[BaseException] = []
-    sip = SipServer(models, settings, host, sip_port) if sip_port else None
+    stop = asyncio.Event()
+    sip = SipServer(models, settings, host, sip_port, slots=app[SLOTS]) if sip_port else None
 
     async def start_sip(app: web.Application) -> None:
         await sip.start()
@@ -238,6 +415,7 @@ def serve(settings: Settings, host: str, port: int, sip_port: int = 0) -> None:
         await sip.close()
 
     if sip is not None:
+        app[SIP] = sip
         app.on_startup.append(start_sip)
         app.on_shutdown.append(stop_sip)
 
@@ -248,14 +426,13 @@ def serve(settings: Settings, host: str, port: int, sip_port: int = 0) -> None:
                 log.info("voice agent ready: open http://%s:%d/ in a browser", host, port)
             except Exception as e:  # noqa: BLE001 - reported after the server stops
                 failure.append(e)
-                os.kill(os.getpid(), signal.SIGINT)  # run_app's own graceful shutdown
+                stop.set()
 
         app[LOADER] = asyncio.ensure_future(load())
 
     app.on_startup.append(load_models)
-    log.info("listening on http://%s:%d/ while the models load", host, port)
     try:
-        web.run_app(app, host=host, port=port, print=None)
+        asyncio.run(run_server(app, host, port, stop))
     finally:
         models.unload()
     if failure:
