@@ -99,7 +99,7 @@ class _SipCounts:
 
     def collect(self):
         family = CounterMetricFamily("voice_agent_sip_events", "SIP endpoint events, by kind", labels=["event"])
-        for event, n in sorted(getattr(self.sip(), "counts", None) or {}.items()):
+        for event, n in sorted((getattr(self.sip(), "counts", None) or {}).items()):
             family.add_metric([str(event)], n)
         yield family
 

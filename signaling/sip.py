@@ -535,6 +535,7 @@ class SipServer(SipEndpoint):
             self._respond(msg, addr, 486, reason="Busy Here (too many unconfirmed calls from this address)")
             return
         if not self.slots.free:  # taken below, when the call is made (no await in between)
+            self.counts["refused_call_limit"] += 1
             self._respond(msg, addr, 486, reason="Busy Here (call limit reached)")
             return
         content_type = (msg.header("Content-Type") or "").split(";")[0].strip().lower()

@@ -331,7 +331,8 @@ async def test_one_call_limit_for_webrtc_and_sip(server):
                 text = await r.text()
             assert 'voice_agent_calls_active{transport="sip"} 1.0' in text
             assert 'voice_agent_calls_active{transport="webrtc"} 0.0' in text
-            assert "voice_agent_call_slots_free 0.0" in text and "voice_agent_sip_events" in text
+            assert "voice_agent_call_slots_free 0.0" in text
+            assert 'voice_agent_sip_events_total{event="refused_call_limit"} 1.0' in text  # the 486 above
             assert await asyncio.to_thread(phone.bye) == 200
             state = await async_health(http, server)
             assert state["active_calls"] == 0 and state["free_slots"] == 1, state
