@@ -71,6 +71,8 @@ class Metrics:
         r = self.registry
         self.calls = Counter("voice_agent_calls", "WebRTC calls answered", registry=r)
         self.rejected = Counter("voice_agent_calls_rejected", "Offers refused", ["reason"], registry=r)
+        self.ended = Counter("voice_agent_calls_ended", "WebRTC calls ended, by why (hangup, connect_timeout, "
+                             "media_timeout, connection_failed, task_failed, ...)", ["reason"], registry=r)
         self.active = Gauge("voice_agent_calls_active", "Calls in progress, by transport", ["transport"], registry=r)
         self.free_slots = Gauge("voice_agent_call_slots_free", "Calls that can still start (server.max_calls)",
                                 registry=r)
@@ -312,7 +314,8 @@ def _slot(call: WebRTCCall) -> str:
 
 def _forget(app: web.Application, call: WebRTCCall) -> None:
     """The call is over: out of the list, its slot free (idempotent)."""
-    app[CALLS].pop(call.id, None)
+    if app[CALLS].pop(call.id, None) is not None:
+        app[METRICS].ended.labels(call.end_reason or "unknown").inc()
     app[SLOTS].release(_slot(call))
     app[METRICS].count_slots(app[SLOTS])
 

@@ -171,6 +171,8 @@ async def test_an_offer_that_never_connects_frees_its_slot(models, tiny_settings
                 await asyncio.sleep(0.1)
             assert call.id not in server.app[CALLS], "the slot is still held"
             assert call.end_reason == "connect_timeout"
+            async with http.get(server.make_url("/metrics")) as r:
+                assert 'voice_agent_calls_ended_total{reason="connect_timeout"} 1.0' in await r.text()
             # The slot is free again: a real caller is answered.
             caller = Caller(str(server.make_url("")))
             await caller.dial(http)
