@@ -36,17 +36,13 @@ from agent.config import Settings
 from agent.models import UnifiedModelManager
 from agent.session import TurnFinished
 
-from . import webrtc
 from .slots import CallSlots
-from .webrtc import WebRTCCall
+from .webrtc import BadOffer, WebRTCCall
 
 log = logging.getLogger(__name__)
 WEB = Path(__file__).resolve().parent.parent / "web"
 LAG_INTERVAL_S = 0.1
 TRANSPORTS = ("webrtc", "sip")
-# What answer() raises for an offer it cannot use; until webrtc.py defines BadOffer,
-# aiortc's own ValueError is the usual one (and any other exception is taken as such).
-BAD_OFFER: type[Exception] = getattr(webrtc, "BadOffer", ValueError)
 
 MODELS = web.AppKey("models", UnifiedModelManager)
 SETTINGS = web.AppKey("settings", Settings)
@@ -270,14 +266,14 @@ async def offer(request: web.Request) -> web.Response:
         answer = await call.answer(RTCSessionDescription(sdp=body["sdp"], type="offer"))
         answered = True
     except Exception as e:  # noqa: BLE001 - BadOffer, or what aiortc raises on SDP it cannot use
-        if not isinstance(e, BAD_OFFER):
+        if not isinstance(e, BadOffer):
             log.warning("offer refused by an unexpected %s", type(e).__name__, exc_info=e)
         log.info("offer refused: %s", e)
         m.rejected.labels("bad_sdp").inc()
         return error(400, f"cannot use this SDP offer: {_first_line(str(e) or type(e).__name__)}")
     finally:
         if not answered:  # whatever happened (a cancelled request too), its slot is freed
-            await _discard(request.app, call)
+            await call.close()  # never raises; its on_closed frees the slot
     m.calls.inc()
     m.count_slots(slots)
     log.info("call %s answered (%d calls in progress)", call.id, slots.count())
@@ -320,21 +316,11 @@ def _forget(app: web.Application, call: WebRTCCall) -> None:
     app[METRICS].count_slots(app[SLOTS])
 
 
-async def _discard(app: web.Application, call: WebRTCCall) -> None:
-    """Close a call and forget it, even if closing it fails."""
-    try:
-        await call.close()
-    except Exception:  # noqa: BLE001 - its slot must be freed whatever aiortc does
-        log.warning("call %s: closing it failed", call.id, exc_info=True)
-    finally:
-        _forget(app, call)
-
-
 async def hang_up(request: web.Request) -> web.Response:
     call = request.app[CALLS].get(request.match_info["call_id"])
     if call is None:
         return error(404, "no such call")
-    await _discard(request.app, call)
+    await call.close()
     return web.json_response({"call_id": call.id, "state": "ended"})
 
 
@@ -377,7 +363,7 @@ async def start_lag_monitor(app: web.Application) -> None:
 
 async def close_all_calls(app: web.Application) -> None:
     app[LAG_MONITOR].cancel()
-    await asyncio.gather(*(_discard(app, call) for call in list(app[CALLS].values())))
+    await asyncio.gather(*(call.close() for call in list(app[CALLS].values())))
 
 
 async def run_server(app: web.Application, host: str, port: int, stop: asyncio.Event) -> None:

@@ -124,6 +124,11 @@ class SipCall:
         return self.dialog.call_id
 
     @property
+    def slot(self) -> str:
+        """Its key in CallSlots: by the call object, since Call-IDs are the peer's choice."""
+        return f"sip:{id(self)}"
+
+    @property
     def local_tag(self) -> str:
         return self.dialog.local_tag
 
@@ -416,7 +421,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         if call.ended:
             return None
         call.ended, call.end_reason = True, reason
-        self.slots.release(f"sip:{id(call)}")  # at once: the BYE dance needs no slot
+        self.slots.release(call.slot)  # at once: the BYE dance needs no slot
         for task in call.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
@@ -554,7 +559,7 @@ class SipServer(SipEndpoint):
             return
         call = SipCall(_inbound_dialog(msg, addr), msg, self, source=addr)
         self.calls[call.call_id] = call
-        self.slots.take(f"sip:{id(call)}", "sip")  # keyed by the call object: Call-IDs are the peer's choice
+        self.slots.take(call.slot, "sip")
         self._respond(msg, addr, 100)
         call.provisional = self._respond(msg, addr, 180, to_tag=call.local_tag)
         if self.ring_s:
