@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import logging
+import os
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +15,43 @@ import numpy as np
 
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 _LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+def single_threaded_ffmpeg() -> bool:
+    """Tell FFmpeg the machine has one CPU, so that the filter graphs and encoders PyAV and
+    aiortc make for each call (every resampler, every Opus encoder) start no worker threads.
+
+    By default each one starts a thread per core (three or four per WebRTC call, times the
+    cores), and they end only when the garbage collector gets round to the call's objects:
+    a long-running server's threads then grow with its calls. 20 ms audio frames gain
+    nothing from slice threads. Process-wide; called once when this module is imported.
+    Returns whether FFmpeg's libavutil was found."""
+    for path in _loaded_libavutil():
+        try:
+            ctypes.CDLL(path).av_cpu_force_count(1)  # dlopen hands back the copy already loaded
+            return True
+        except (OSError, AttributeError):
+            continue
+    log.debug("FFmpeg's libavutil not found: its per-call worker threads stay on")
+    return False
+
+
+def _loaded_libavutil() -> list[str]:
+    """Paths of the libavutil PyAV uses: the one mapped into this process (Linux), else the
+    copy bundled in PyAV's wheel."""
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split()[-1] for line in maps if "libavutil" in line and "/" in line}
+    except OSError:
+        mapped = set()
+    bundled = glob.glob(os.path.join(os.path.dirname(av.__file__), os.pardir, "av.libs", "libavutil*.so*"))
+    return sorted(mapped) + sorted(bundled)
+
+
+single_threaded_ffmpeg()
 
 
 class Resampler:

@@ -238,3 +238,27 @@ async def test_a_failing_call_task_ends_the_call(models, tiny_settings, speech):
         await caller.close()
         await call.close()
     assert errors.stop() == []
+
+
+def test_media_codecs_start_no_threads_per_call():
+    """Each FFmpeg filter graph (every resampler) and Opus encoder made for a call used to
+    start a worker thread per core, freed only when the garbage collector came round: a
+    server's threads grew with its calls. agent.audio makes FFmpeg start none."""
+    import fractions
+
+    import av
+    import numpy as np
+    import psutil
+    from aiortc.codecs.opus import OpusDecoder, OpusEncoder
+
+    from agent.audio import Resampler
+
+    before = psutil.Process().num_threads()
+    encoder, decoder, resampler = OpusEncoder(), OpusDecoder(), Resampler(16000)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 480), np.int16), format="s16", layout="mono")
+    frame.sample_rate, frame.pts, frame.time_base = 24000, 0, fractions.Fraction(1, 24000)
+    for _ in range(3):
+        encoder.encode(frame)
+    assert len(resampler.push(np.zeros(960, np.int16), 48000)) > 0
+    assert decoder and psutil.Process().num_threads() == before
+
