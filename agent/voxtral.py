@@ -18,6 +18,7 @@ import codecs
 import io
 import logging
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -202,6 +203,8 @@ class VoxtralModel(InProcessModel):
             encoded = self.processor.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)
         except (MistralCommonException, ValueError) as e:  # mistral-common rejects the structure
             raise InputError(f"cannot build the Voxtral prompt: {first_line(e)}") from e
+        finally:
+            forget_parsed_urls()
         spoken = tuple(t.audio for t in [*turns, ChatTurn("user", audio)] if t.role == "user" and t.audio is not None)
         for turn, samples in zip(spoken, encoded["audio"], strict=True):  # as the tokenizer padded them
             if turn.pending:
@@ -253,6 +256,8 @@ class VoxtralModel(InProcessModel):
                 sampling_rate=SAMPLE_RATE, format="wav")
         except (MistralCommonException, ValueError) as e:  # pydantic's error for an unknown language too
             raise InputError(f"cannot build the Voxtral transcription prompt: {first_line(e)}") from e
+        finally:
+            forget_parsed_urls()
         prefill = {"input_ids": inputs["input_ids"].to(self.device),
                    "input_features": inputs["input_features"].to(self.device, self.dtype)}
         return TextStream(self, prefill, inputs["input_ids"][0].tolist(), params, seed)
@@ -378,6 +383,17 @@ class ReplyBatcher(SlotBatcher):
             if stream.finished:
                 stream._deliver(None)
                 self._release(stream)
+
+
+def forget_parsed_urls() -> None:
+    """Empty urllib's cache of parsed URLs. mistral-common asks urlparse() what kind of
+    "URL" each base64 WAV of a prompt is, and urlsplit keeps its last 128 arguments with
+    their results: without this, up to 128 caller turns (each twice, megabytes for a long
+    turn) would stay in memory for good, and a server's memory would grow with its calls
+    until that cache is full. The cache only saves re-parsing a URL."""
+    clear = getattr(urllib.parse.urlsplit, "cache_clear", None)
+    if clear is not None:
+        clear()
 
 
 def _turn_audio(audio: np.ndarray | TurnAudio | None) -> TurnAudio | None:

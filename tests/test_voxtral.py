@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import urllib.parse
+
 import pytest
 import torch
 from transformers import VoxtralForConditionalGeneration
@@ -224,6 +226,18 @@ def test_a_failed_forward_pass_frees_the_cache(voxtral, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         stream.step()
     assert stream.finished and not stream.holds_cache and stream.step() is None
+
+
+def test_prompts_leave_no_audio_in_urllibs_cache(voxtral):
+    """mistral-common parses each base64 WAV of a prompt with urlparse, whose cache keeps
+    the last 128 arguments: a server's memory grew with its calls until it was full."""
+    urllib.parse.urlsplit.cache_clear()
+    prompt = voxtral.reply_prompt(tone(2.0), [ChatTurn("user", audio=tone(1.0, 330.0)),
+                                              ChatTurn("assistant", text="Sure.")], "Be brief.")
+    assert len(prompt.audio) == 2
+    assert urllib.parse.urlsplit.cache_info().currsize == 0
+    voxtral.transcribe_stream(tone(1.0), "en", ReplyParams(max_new_tokens=1), seed=0)
+    assert urllib.parse.urlsplit.cache_info().currsize == 0
 
 
 def test_transcription(voxtral):
