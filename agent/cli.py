@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     sip = bench_sub.add_parser("sip", parents=[common], help="a loopback SIP call: RTP pacing, reply latency")
     sip.add_argument("--turns", type=int, default=4, help="questions asked (default 4)")
     sip.add_argument("--json", action="store_true", help="print one JSON line")
+    soak = bench_sub.add_parser("soak", parents=[common],
+                                help="many calls one after another to a served agent: memory, threads, descriptors per call")
+    soak.add_argument("--calls", type=int, default=100, help="calls placed, one after another (default 100)")
+    soak.add_argument("--warmup", type=int, help="calls left out of the per-call figures (default: a fifth, at least 5)")
+    soak.add_argument("--transport", choices=("webrtc", "sip"), default="webrtc", help="how the calls arrive (default webrtc)")
+    soak.add_argument("--json", action="store_true", help="print one JSON line")
     tts = bench_sub.add_parser("tts", parents=[common],
                                help="one speech stream: transformers' generate vs the single path vs the engine")
     tts.add_argument("--runs", type=int, default=5, help="requests per variant (default 5)")
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_webrtc(args, settings)
         if args.command == "bench" and args.bench == "sip":
             return cmd_bench_sip(args, settings)
+        if args.command == "bench" and args.bench == "soak":
+            return cmd_bench_soak(args, settings)
         if args.command == "bench" and args.bench in ("tts", "streams", "replies"):
             return cmd_bench_engine(args, settings)
     except (InputError, ConfigError) as e:
@@ -382,6 +390,30 @@ def cmd_bench_sip(args: argparse.Namespace, settings: Settings) -> int:
     if args.turns < 1:
         raise InputError("--turns must be at least 1")
     return _bench_call(args, settings, 8000, lambda models, speech: bench_sip(models, settings, speech, args.turns))
+
+
+def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
+    from signaling.soak import bench_soak
+
+    from .audio import read_audio
+    from .bench import FIXTURES
+
+    warmup = args.warmup if args.warmup is not None else max(5, args.calls // 5)
+    if args.calls < 2 or not 0 <= warmup <= args.calls - 2:
+        raise InputError("--calls must be at least 2, and --warmup leave at least 2 calls measured")
+    server_args = [a for flag, value in (("--profile", args.profile), ("--config", args.config)) if value
+                   for a in (flag, value)]
+    question = FIXTURES / "question1.wav"
+
+    def progress(sample: dict) -> None:
+        print(f"call {sample['call']}/{args.calls}: {sample['rss_mib']:.1f} MiB, {sample['threads']} threads, "
+              f"{sample['fds']} fds", file=sys.stderr, flush=True)
+
+    result = asyncio.run(bench_soak(server_args, args.transport, args.calls, warmup, read_audio(question, 16000),
+                                    read_audio(question, 8000), progress))
+    result.update(profile=settings.profile)
+    print(json.dumps(result) if args.json else {k: v for k, v in result.items() if k != "samples"})
+    return 0
 
 
 def _bench_call(args: argparse.Namespace, settings: Settings, rate: int, bench) -> int:

@@ -96,87 +96,39 @@ async def bench_webrtc(models: UnifiedModelManager, settings: Settings, speech: 
 
 async def bench_sip(models: UnifiedModelManager, settings: Settings, speech_8k: list[np.ndarray],
                     turns: int = 4) -> dict:
-    """One SIP call over loopback: a phone (an RtpSession of our own, sending continuous
-    PCMU as phones do) asks `turns` questions. Reports end of caller speech -> first voiced
-    reply RTP packet, and the agent's RTP send pacing."""
-    from .rtp import RtpSession
-    from .sdp import codec_from_answer, make_offer, parse_sdp
+    """One SIP call over loopback: a phone (LoopbackPhone, sending continuous PCMU as
+    phones do) asks `turns` questions. Reports end of caller speech -> first voiced reply
+    RTP packet, and the agent's RTP send pacing."""
+    from .phone import LoopbackPhone
     from .sip import SipServer
-    from .sip_message import SipMessage, parse_message
 
     server = SipServer(models, settings, "127.0.0.1", 0)
     await server.start()
-    loop = asyncio.get_running_loop()
-    replies: asyncio.Queue = asyncio.Queue()
-
-    class PhoneSignaling(asyncio.DatagramProtocol):
-        def datagram_received(self, data, addr) -> None:
-            replies.put_nowait(parse_message(data))
-
-    sip_transport, _ = await loop.create_datagram_endpoint(PhoneSignaling, local_addr=("127.0.0.1", 0))
-    sip_port = sip_transport.get_extra_info("sockname")[1]
-    queue: list[np.ndarray] = []  # the phone's outgoing 20 ms frames
-    heard: list[tuple[float, float]] = []  # (time, RMS) of each 20 ms the phone plays
-    speech_end = [0.0]
-
-    def take_frame():
-        if not queue:
-            return None
-        frame = queue.pop(0)
-        if not queue:
-            speech_end[0] = time.monotonic()
-        return frame
-
-    phone = RtpSession("PCMU", 0, None, ("127.0.0.1", 9), take_frame, 8000,
-                       lambda s: heard.append((time.monotonic(), float(np.sqrt(np.mean(s.astype(float) ** 2))))))
-    rtp_port = await phone.start("127.0.0.1")
-    body = make_offer("127.0.0.1", rtp_port, 1).encode()
-
-    def request(method: str, cseq: int, to_tag: str = "", with_body: bool = False) -> bytes:
-        headers = [("Via", f"SIP/2.0/UDP 127.0.0.1:{sip_port};branch=z9hG4bK{method}{cseq};rport"),
-                   ("Max-Forwards", "70"), ("From", "<sip:bench@127.0.0.1>;tag=bench"),
-                   ("To", "<sip:agent@127.0.0.1>" + (f";tag={to_tag}" if to_tag else "")),
-                   ("Call-ID", "bench-sip-call"), ("CSeq", f"{cseq} {method}")]
-        if with_body:
-            headers.append(("Content-Type", "application/sdp"))
-        return SipMessage(method=method, uri=f"sip:agent@127.0.0.1:{server.port}", headers=headers,
-                          body=body if with_body else b"").to_bytes()
-
+    phone = LoopbackPhone("127.0.0.1", server.port)
     result: dict = {}
     try:
-        sip_transport.sendto(request("INVITE", 1, with_body=True), ("127.0.0.1", server.port))
-        while (ok := await asyncio.wait_for(replies.get(), 10)).status < 200:
-            pass
-        codec = codec_from_answer(parse_sdp(ok.body.decode()))
-        phone.remote = (codec.remote_ip, codec.remote_port)
-        sip_transport.sendto(request("ACK", 1, to_tag=ok.to_tag), ("127.0.0.1", server.port))
+        await phone.dial()
         started = time.monotonic()
         latencies = []
         for i in range(turns):
-            audio = np.concatenate([np.zeros(4000, np.int16), speech_8k[i % len(speech_8k)]])
-            queue.extend(np.split(audio[:len(audio) // 160 * 160], len(audio) // 160))
+            phone.say(speech_8k[i % len(speech_8k)])
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-                if not queue and speech_end[0]:
-                    loud = [t for t, rms in heard if t > speech_end[0] and rms > 300]
-                    if loud:
-                        latencies.append((loud[0] - speech_end[0]) * 1000)
-                        break
-            while any(rms > 300 for t, rms in heard if t > time.monotonic() - 1.0):
+                if not phone.queue and phone.speech_end and (loud := phone.loud_since(phone.speech_end)):
+                    latencies.append((loud[0] - phone.speech_end) * 1000)
+                    break
+            while phone.loud_since(time.monotonic() - 1.0):
                 await asyncio.sleep(0.1)  # let the reply finish
-        call = server.calls["bench-sip-call"]
+        call = server.calls[phone.call_id]
         errors = interval_errors_ms(call.rtp.sent_at, started + 1.0)
-        sip_transport.sendto(request("BYE", 2, to_tag=ok.to_tag), ("127.0.0.1", server.port))
-        await asyncio.sleep(0.2)
         result = {
             "reply_latency_ms": {"p50": pct(latencies, 50), "p95": pct(latencies, 95),
                                  "turns": [round(x, 1) for x in latencies]},
             "rtp_pacing_interval_error_ms": {"p50": pct(errors, 50), "p99": pct(errors, 99), "packets": len(errors)},
-            "codec": codec.name,
+            "codec": phone.codec.name,
         }
     finally:
-        await phone.close()
-        sip_transport.close()
+        await phone.hang_up()
         await server.close()
     return result

@@ -164,3 +164,21 @@ def test_bench_streams_json():
     assert first["streams"] == 1 and first["min_tokens_per_s"] > 0 and first["probe_ttfa_ms_p50"] > 0
     assert first["loop_lag_ms_p99"] is not None and result["dtype"] == "float32"
     assert result["engine_real_time_streams"] in (0, 1, 2)
+
+
+def test_bench_soak_sip_json():
+    """Calls one after another to a served agent: the server's memory, threads and open
+    descriptors are sampled after each call has ended."""
+    p = run("bench", "soak", "--profile", "tiny", "--transport", "sip", "--calls", "3", "--warmup", "1", "--json")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    result = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    assert result["transport"] == "sip" and result["calls"] == 3 and len(result["samples"]) == 4
+    assert all(s["rss_mib"] > 100 and s["threads"] > 1 and s["fds"] > 3 for s in result["samples"])
+    # Each SIP call's sockets are closed when it ends.
+    assert result["after_warmup"]["fds_growth"] == 0, result["samples"]
+    assert "call 3/3" in p.stderr.decode()
+
+
+def test_bench_soak_refuses_too_few_calls():
+    p = run("bench", "soak", "--profile", "tiny", "--calls", "1")
+    assert p.returncode == 2 and b"--calls must be at least 2" in p.stderr
