@@ -189,6 +189,37 @@ async def test_answer_makes_the_agent_the_dtls_server(models, tiny_settings):
     assert setups and set(setups) == {"a=setup:passive"}
 
 
+async def test_a_failed_dtls_handshake_is_logged_with_its_cause(models, tiny_settings, caplog):
+    """An offer whose fingerprint is not the caller's certificate's: ICE completes, DTLS
+    fails, and the agent says why (aiortc says it only in its debug log) and ends the call."""
+    from aiortc import RTCSessionDescription
+
+    server = await start_server(models, tiny_settings)
+    caller = Caller(str(server.make_url("")))
+    try:
+        await caller.pc.setLocalDescription(await caller.pc.createOffer())
+        lines = caller.pc.localDescription.sdp.split("\r\n")
+        forged = [line[:-2] + ("00" if not line.endswith("00") else "11") if line.startswith("a=fingerprint:")
+                  else line for line in lines]
+        assert forged != lines
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.make_url("/offer"), json={"sdp": "\r\n".join(forged), "type": "offer"}) as r:
+                assert r.status == 200
+                answer = await r.json()
+        call = server.app[CALLS][answer["call_id"]]
+        with caplog.at_level("WARNING", logger="signaling.webrtc"):
+            await caller.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+            deadline = time.monotonic() + 30
+            while answer["call_id"] in server.app[CALLS] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        assert call.end_reason == "connection_failed" and "fingerprint mismatch" in call.failure, call.failure
+        failed = [r.getMessage() for r in caplog.records if "connection failed" in r.getMessage()]
+        assert len(failed) == 1 and "DTLS failed as server" in failed[0] and "fingerprint mismatch" in failed[0]
+    finally:
+        await caller.close()
+        await server.close()
+
+
 async def test_a_killed_peer_is_dropped_after_media_timeout(models, tiny_settings):
     server = await start_server(models, tiny_settings.replace("server", media_timeout_s=1.0))
     peer = None
