@@ -73,6 +73,8 @@ class LoopbackPhone:
         if ok.status >= 300:
             raise RuntimeError(f"call refused: SIP {ok.status} {ok.reason}")
         self.codec = codec_from_answer(parse_sdp(ok.body.decode()))
+        # A phone sends to where the answer says from the start (the agent waits for its
+        # packets before it sends any); the agent's first packet then names its SSRC.
         self.rtp.remote = (self.codec.remote_ip, self.codec.remote_port)
         self._to_tag = ok.to_tag
         self._sip.sendto(self._request("ACK"), self.agent)

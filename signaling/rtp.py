@@ -237,6 +237,9 @@ class RtpSession(asyncio.DatagramProtocol):
             return True
         if not media:
             return False
+        if self.remote == addr and self.peer_ssrc is None:  # an address set beforehand (a test phone sends first)
+            self.peer_ssrc = ssrc
+            return True
         if self.remote is None:  # the call's first media packet
             self.remote, self.peer_ssrc = addr, ssrc
             return True

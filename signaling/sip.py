@@ -92,6 +92,9 @@ class Dialog:
         return SipMessage(method=method, uri=self.remote_target, headers=headers)
 
 
+ENDED_KEPT = 8
+
+
 @dataclass(eq=False)
 class SipCall:
     """One phone call, either direction: its dialog, its RTP stream and its CallSession."""
@@ -158,7 +161,10 @@ class SipEndpoint(asyncio.DatagramProtocol):
         self.allow_from = allow_from
         self.voice = voice
         self.calls: dict[str, SipCall] = {}
-        self.ended: deque[SipCall] = deque(maxlen=100)  # recent calls, for health and tests
+        # The last few ended calls, for tests and debugging. Each keeps its session and RTP
+        # stream (echo-guard buffers, caller audio): a few hundred KiB to megabytes a call,
+        # so a long-running server must keep few. (It kept 100: memory grew for 100 calls.)
+        self.ended: deque[SipCall] = deque(maxlen=ENDED_KEPT)
         self.transport: asyncio.DatagramTransport | None = None
         self.dropped = 0
         # What went wrong, by kind ("media_failed", "media_timeout", "unconfirmed", ...): for metrics.

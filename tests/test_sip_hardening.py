@@ -356,3 +356,30 @@ async def test_a_failing_media_loop_is_logged_once_and_ends_the_call_with_a_bye(
         phone.transport.close()
         transport.close()
         await server.close()
+
+
+async def test_ended_calls_are_not_kept_without_bound(models, tiny_settings):
+    """The endpoint keeps only the last ENDED_KEPT ended calls: each holds its session
+    and RTP stream (echo-guard buffers, the caller's audio), and it kept 100 of them, so a
+    server's memory grew with its first 100 calls."""
+    import gc
+
+    from agent.session import CallSession
+    from signaling.phone import LoopbackPhone
+    from signaling.sip import ENDED_KEPT
+
+    server = await start(models, tiny_settings)
+    try:
+        for n in range(ENDED_KEPT + 4):
+            phone = LoopbackPhone("127.0.0.1", server.port, call_id=f"kept-{n}")
+            await phone.dial()
+            await phone.hang_up()
+        deadline = time.monotonic() + 10
+        while server.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        gc.collect()
+        assert not server.calls and len(server.ended) == ENDED_KEPT
+        assert server.ended[-1].call_id == f"kept-{ENDED_KEPT + 3}"
+        assert sum(isinstance(o, CallSession) for o in gc.get_objects()) <= ENDED_KEPT
+    finally:
+        await server.close()
