@@ -380,6 +380,6 @@ async def test_ended_calls_are_not_kept_without_bound(models, tiny_settings):
         gc.collect()
         assert not server.calls and len(server.ended) == ENDED_KEPT
         assert server.ended[-1].call_id == f"kept-{ENDED_KEPT + 3}"
-        assert sum(isinstance(o, CallSession) for o in gc.get_objects()) <= ENDED_KEPT
+        assert sum(type(o) is CallSession for o in gc.get_objects()) <= ENDED_KEPT
     finally:
         await server.close()

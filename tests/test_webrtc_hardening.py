@@ -271,7 +271,7 @@ async def test_a_failing_call_task_ends_the_call(models, tiny_settings, speech):
     assert errors.stop() == []
 
 
-def test_media_codecs_start_no_threads_per_call():
+async def test_media_codecs_start_no_threads_per_call():
     """Each FFmpeg filter graph (every resampler) and Opus encoder made for a call used to
     start a worker thread per core, freed only when the garbage collector came round: a
     server's threads grew with its calls. agent.audio makes FFmpeg start none."""
