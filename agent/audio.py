@@ -13,7 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import InputError
+from agent.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class WavWriter:
     def close(self) -> None:
         self._wav.close()
 
-    def __enter__(self) -> "WavWriter":
+    def __enter__(self) -> WavWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .engine import StepProfile
-from .snac_codec import (FRAME_S, FRAME_SAMPLES, SAMPLE_RATE, StreamingSNACDecoder, decode_frames,
-                         rel_l2)
+from agent.engine.batching import StepProfile
+from agent.models.snac import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE, StreamingSNACDecoder, decode_frames, rel_l2
 
 
 class SimulatedClock:
@@ -83,12 +82,12 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 def bench_pipeline(settings, input_path: str | None = None) -> dict:
     """A headless call on the given profile; per turn, the pipeline's own time from the VAD
     decision to the first audio frame queued, minus the time the models ran in between."""
-    from .audio import read_audio
-    from .headless import run_call
-    from .models import UnifiedModelManager
-    from .monitor import summarize_turns
-    from .session import OUT_RATE
-    from .vad import RATE as IN_RATE
+    from agent.audio import read_audio
+    from agent.call.session import OUT_RATE
+    from agent.call.vad import RATE as IN_RATE
+    from agent.models.manager import UnifiedModelManager
+    from agent.models.monitor import summarize_turns
+    from signaling.headless import run_call
 
     if input_path is None:
         gap = np.zeros(int(IN_RATE * 4.0), dtype=np.int16)
@@ -186,7 +185,7 @@ def _decode_rate(m) -> float:
 def _load_speech(settings, tokens: int, streams: int):
     """Orpheus and SNAC, with the engine sized for `streams` streams of `tokens` audio
     tokens (and a prompt of up to 256)."""
-    from .models import UnifiedModelManager
+    from agent.models.manager import UnifiedModelManager
 
     settings = settings.replace("orpheus", max_tokens=tokens).replace(
         "engine", max_streams=streams, max_seq_len=-(-(tokens + 256) // 256) * 256)
@@ -217,7 +216,7 @@ def bench_tts(settings, runs: int = 5, tokens: int = 700) -> dict:
     """One stream, side by side: transformers' generate, the single-stream path, and the
     batched engine: decode tokens/s and time to first audio (text in -> first audio out).
     The engine gets one slot, long enough for `tokens` after the prompt."""
-    from .tts import TTSServiceDirect
+    from agent.models.tts import TTSServiceDirect
 
     settings, models = _load_speech(settings, tokens, streams=1)
     try:
@@ -336,8 +335,8 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
     one reply after that many remembered turns, side by side: each turn's audio extracted
     and encoded again on the device thread (as before TurnAudio) and kept from the turn's
     own reply, with the prompt built in a worker thread (as a session does)."""
-    from .models import UnifiedModelManager
-    from .voxtral import ChatTurn, ReplyParams, TurnAudio
+    from agent.models.manager import UnifiedModelManager
+    from agent.models.voxtral import ChatTurn, ReplyParams, TurnAudio
 
     levels = sorted(set(levels or REPLY_LEVELS))
     settings = settings.replace("engine", reply_slots=levels[-1])

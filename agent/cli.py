@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Settings, load_settings
-from .errors import ConfigError, InputError, VoiceAgentError
+from agent.config import Settings, load_settings
+from agent.errors import ConfigError, InputError, VoiceAgentError
 
 log = logging.getLogger("voice-agent")
 
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
-    from .models import UnifiedModelManager
-    from .tts import TTSServiceDirect
+    from agent.models.manager import UnifiedModelManager
+    from agent.models.tts import TTSServiceDirect
 
     to_stdout = args.output == "-"
     if to_stdout and args.json:
@@ -193,8 +193,8 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         models.unload()
     if not to_stdout:
-        from .audio import write_wav
-        from .snac_codec import SAMPLE_RATE
+        from agent.audio import write_wav
+        from agent.models.snac import SAMPLE_RATE
 
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
         write_wav(args.output, audio, SAMPLE_RATE)
@@ -219,12 +219,12 @@ def _check_writable(path: str) -> None:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from contextlib import nullcontext
 
-    from .audio import WavWriter, read_audio
-    from .headless import run_call
-    from .models import UnifiedModelManager
-    from .monitor import summarize_turns
-    from .session import OUT_RATE
-    from .vad import RATE as IN_RATE
+    from agent.audio import WavWriter, read_audio
+    from agent.call.session import OUT_RATE
+    from agent.call.vad import RATE as IN_RATE
+    from agent.models.manager import UnifiedModelManager
+    from agent.models.monitor import summarize_turns
+    from signaling.headless import run_call
 
     # Bad input fails before the models load.
     # run.max_input_s counts the decoded audio (not the header's claim) and stops decoding past it.
@@ -278,9 +278,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
-    from signaling.sip_client import call_out, check_local_host, local_address_for, parse_target
-
-    from .models import UnifiedModelManager
+    from agent.models.manager import UnifiedModelManager
+    from signaling.sip.client import call_out, check_local_host, local_address_for, parse_target
 
     # Bad input fails before the models load.
     uri, peer = parse_target(args.uri)
@@ -311,14 +310,14 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
 def _preflight(settings: Settings, listen: bool = True) -> None:
     """Stop at once (ModelInitializationError, exit 1) when a model cannot be had: gated,
     unknown, no network, not cached. Nothing is downloaded or loaded before this."""
-    from .preflight import require_models
+    from agent.models.preflight import require_models
 
     require_models(settings, listen)
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     """voice-agent models [--download]: exit 0 when every model can be loaded, else 1."""
-    from .preflight import check_models, download, report_lines
+    from agent.models.preflight import check_models, download, report_lines
 
     checks = check_models(settings)
     if args.download:
@@ -334,7 +333,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench import bench_pipeline
+    from agent.bench import bench_pipeline
 
     print(json.dumps(bench_pipeline(settings, args.input)) if args.json else bench_pipeline(settings, args.input))
     return 0
@@ -342,7 +341,7 @@ def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench_engine(args: argparse.Namespace, settings: Settings) -> int:
     """voice-agent bench tts | streams | replies"""
-    from .bench import bench_replies, bench_streams, bench_tts
+    from agent.bench import bench_replies, bench_streams, bench_tts
 
     if args.bench != "tts" and settings.engine.mode != "batched":
         raise InputError(f"bench {args.bench} measures the batched engine; set engine.mode = \"batched\"")
@@ -393,10 +392,9 @@ def cmd_bench_sip(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.audio import read_audio
+    from agent.bench import FIXTURES
     from signaling.soak import bench_soak
-
-    from .audio import read_audio
-    from .bench import FIXTURES
 
     warmup = args.warmup if args.warmup is not None else max(5, args.calls // 5)
     if args.calls < 2 or not 0 <= warmup <= args.calls - 2:
@@ -419,9 +417,9 @@ def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
 def _bench_call(args: argparse.Namespace, settings: Settings, rate: int, bench) -> int:
     """Load the models, run `bench(models, speech)` (a coroutine) with the two fixture
     questions at `rate` Hz as the caller's speech, and print its result."""
-    from .audio import read_audio
-    from .bench import FIXTURES
-    from .models import UnifiedModelManager
+    from agent.audio import read_audio
+    from agent.bench import FIXTURES
+    from agent.models.manager import UnifiedModelManager
 
     speech = [read_audio(FIXTURES / name, rate) for name in ("question1.wav", "question2.wav")]
     models = UnifiedModelManager(settings)
@@ -436,10 +434,10 @@ def _bench_call(args: argparse.Namespace, settings: Settings, rate: int, bench) 
 
 
 def cmd_bench_snac(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench import bench_snac
-    from .memory import resolve_device
-    from .snac_codec import load_snac
-    from .models import resolve_source
+    from agent.bench import bench_snac
+    from agent.models.memory import resolve_device
+    from agent.models.snac import load_snac
+    from agent.models.tiny import resolve_source
 
     if args.seconds <= 0 or args.token_rate <= 0:
         raise InputError("--seconds and --token-rate must be positive")

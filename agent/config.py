@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .errors import ConfigError
+from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
 ENV_PREFIX = "VOICE_AGENT_"
@@ -24,6 +25,7 @@ DTMF_KEYS = "0123456789*#ABCD"  # the RFC 4733 events a phone keypad sends
 
 @dataclass(frozen=True)
 class DeviceSettings:
+    """[device]: where the models run and in what precision."""
     device: str
     dtype: str
     headroom_gb: float
@@ -31,6 +33,7 @@ class DeviceSettings:
 
 @dataclass(frozen=True)
 class OrpheusSettings:
+    """[orpheus]: the speech model and its sampling."""
     model: str
     temperature: float
     top_p: float
@@ -41,6 +44,7 @@ class OrpheusSettings:
 
 @dataclass(frozen=True)
 class SnacSettings:
+    """[snac]: the audio codec model and its streaming decoder."""
     model: str
     decoder_mode: str
     max_frames_per_window: int
@@ -49,6 +53,7 @@ class SnacSettings:
 
 @dataclass(frozen=True)
 class TTSSettings:
+    """[tts]: voices, sentence pieces, retries."""
     voices: tuple[str, ...]
     default_voice: str
     fallback_voice: str
@@ -60,6 +65,7 @@ class TTSSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """[engine]: the batched speech and reply engines."""
     mode: str
     max_streams: int
     max_seq_len: int
@@ -73,6 +79,7 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class VoxtralSettings:
+    """[voxtral]: the listening model and its replies."""
     model: str
     temperature: float
     top_p: float
@@ -81,6 +88,7 @@ class VoxtralSettings:
 
 @dataclass(frozen=True)
 class VADSettings:
+    """[vad]: when the caller's speech starts and ends."""
     aggressiveness: int
     frame_ms: int
     start_ms: int
@@ -94,6 +102,7 @@ class VADSettings:
 
 @dataclass(frozen=True)
 class EchoSettings:
+    """[echo]: the echo guard on phone lines."""
     guard: str
     max_delay_ms: int
     margin_db: float
@@ -101,6 +110,7 @@ class EchoSettings:
 
 @dataclass(frozen=True)
 class SessionSettings:
+    """[session]: one call's conversation."""
     instructions: str
     instructions_first: bool
     voice: str
@@ -113,6 +123,7 @@ class SessionSettings:
 
 @dataclass(frozen=True)
 class ServerSettings:
+    """[server]: `voice-agent serve` (HTTP, WebRTC, SIP)."""
     host: str
     port: int
     sip_port: int
@@ -125,11 +136,13 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
+    """[run]: `voice-agent run`."""
     max_input_s: float
 
 
 @dataclass(frozen=True)
 class MonitorSettings:
+    """[monitor]: latency targets that log a warning when missed."""
     ttft_ms_target: float
     ttfa_ms_target: float
     rtf_target: float
@@ -137,6 +150,7 @@ class MonitorSettings:
 
 @dataclass(frozen=True)
 class Settings:
+    """All settings: config/default.toml, a profile, a file and the environment, validated."""
     profile: str
     device: DeviceSettings
     orpheus: OrpheusSettings
@@ -151,7 +165,7 @@ class Settings:
     run: RunSettings
     monitor: MonitorSettings
 
-    def replace(self, section: str, **changes: Any) -> "Settings":
+    def replace(self, section: str, **changes: Any) -> Settings:
         """A copy with some options of one section changed (validated like a file)."""
         merged = dataclasses.asdict(self)
         merged.pop("profile")

@@ -27,14 +27,14 @@ def voxtral_single(source: str) -> dict:
     import numpy as np
     import torch
 
-    from agent.memory import resolve_device, resolve_dtype
-    from agent.models import resolve_source
-    from agent.voxtral import ReplyParams, VoxtralModel
+    from agent.models.memory import resolve_device, resolve_dtype
+    from agent.models.tiny import load_voxtral, resolve_source
+    from agent.models.voxtral import ReplyParams
 
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)
     t0 = time.perf_counter()
-    model = VoxtralModel.load(resolve_source(source, "voxtral"), device, dtype)
+    model = load_voxtral(resolve_source(source, "voxtral"), device, dtype)
     loaded = time.perf_counter() - t0
     tone = (0.3 * np.sin(2 * np.pi * 220.0 * np.arange(32000) / 16000)).astype(np.float32)  # 2 s
     stream = model.reply_stream(tone, [], "Answer in one sentence.", ReplyParams(max_new_tokens=12), seed=0)

@@ -12,10 +12,9 @@ import numpy as np
 from aiohttp import web
 
 from agent.config import Settings
-from agent.models import UnifiedModelManager
-
-from .loopback import Caller
-from .server import CALLS, create_app
+from agent.models.manager import UnifiedModelManager
+from signaling.server import CALLS, create_app
+from signaling.webrtc.loopback import Caller
 
 PACING_LIMIT_MS = 5.0
 
@@ -71,7 +70,7 @@ async def bench_webrtc(models: UnifiedModelManager, settings: Settings, speech: 
             while n <= max_level:
                 before = set(app[CALLS])
                 load = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "signaling.loopback", base, str(n), str(level_s + 2.0))
+                    sys.executable, "-m", "signaling.webrtc.loopback", base, str(n), str(level_s + 2.0))
                 deadline = time.monotonic() + 30
                 while len(set(app[CALLS]) - before) < n and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)
@@ -99,8 +98,8 @@ async def bench_sip(models: UnifiedModelManager, settings: Settings, speech_8k: 
     """One SIP call over loopback: a phone (LoopbackPhone, sending continuous PCMU as
     phones do) asks `turns` questions. Reports end of caller speech -> first voiced reply
     RTP packet, and the agent's RTP send pacing."""
-    from .phone import LoopbackPhone
-    from .sip import SipServer
+    from signaling.sip.endpoint import SipServer
+    from signaling.sip.phone import LoopbackPhone
 
     server = SipServer(models, settings, "127.0.0.1", 0)
     await server.start()

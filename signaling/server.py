@@ -22,8 +22,9 @@ import logging
 import mimetypes
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -32,12 +33,11 @@ from aiortc import RTCSessionDescription
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
+from agent.call.events import TurnFinished
 from agent.config import Settings
-from agent.models import UnifiedModelManager
-from agent.session import TurnFinished
-
-from .slots import CallSlots
-from .webrtc import BadOffer, WebRTCCall
+from agent.models.manager import UnifiedModelManager
+from signaling.slots import CallSlots
+from signaling.webrtc.call import BadOffer, WebRTCCall
 
 log = logging.getLogger(__name__)
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -389,7 +389,7 @@ def serve(settings: Settings, host: str, port: int, sip_port: int = 0) -> None:
     once; the models load in the background meanwhile (/health says "loading", /offer 503).
     If they cannot be loaded, the server stops and the error is raised. With a SIP port,
     phone calls are answered there too (UDP), within the same call limit."""
-    from .sip import SipServer
+    from signaling.sip.endpoint import SipServer
 
     models = UnifiedModelManager(settings)
     app = create_app(models, settings)

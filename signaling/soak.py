@@ -22,8 +22,8 @@ import aiohttp
 import numpy as np
 import psutil
 
-from .loopback import Caller
-from .phone import LoopbackPhone
+from signaling.sip.phone import LoopbackPhone
+from signaling.webrtc.loopback import Caller
 
 TARGET_MIB_PER_CALL = 0.1
 
@@ -86,7 +86,7 @@ class Server:
             self.process.terminate()
             try:
                 await asyncio.wait_for(self.process.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
         self.log.close()

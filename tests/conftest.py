@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from agent.config import Settings, load_settings
-from agent.models import UnifiedModelManager
-from agent.tts import TTSServiceDirect
+from agent.models.manager import UnifiedModelManager
+from agent.models.tts import TTSServiceDirect
 
 torch.set_num_threads(2)
 

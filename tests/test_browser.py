@@ -34,7 +34,7 @@ from aiohttp import web
 
 from agent.audio import read_audio, write_wav
 from agent.config import load_settings
-from agent.models import UnifiedModelManager
+from agent.models.manager import UnifiedModelManager
 from signaling.server import create_app
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -8,7 +8,7 @@ import wave
 
 import pytest
 
-from agent.snac_codec import FRAME_SAMPLES
+from agent.models.snac import FRAME_SAMPLES
 
 
 def run(*args, env=None, timeout=600):
@@ -128,9 +128,9 @@ def test_serve_answers_sip_options_and_refuses_bad_ports():
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--profile", "tiny", "--port", str(http_port),
                              "--sip-port", str(sip_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        options = ("OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKo1;rport\r\n"
-                   "From: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:agent@127.0.0.1>\r\nCall-ID: probe1\r\n"
-                   "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+        options = (b"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKo1;rport\r\n"
+                   b"From: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:agent@127.0.0.1>\r\nCall-ID: probe1\r\n"
+                   b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(1.0)
             deadline, answer = time.monotonic() + 60, b""

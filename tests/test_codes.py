@@ -2,8 +2,8 @@
 
 import torch
 
-from agent.orpheus import AUDIO_BASE, CODEBOOK_SIZE, END_OF_SPEECH, FrameAssembler, token_to_code, tokens_to_frames
-from agent.snac_codec import frames_to_codes
+from agent.models.orpheus import AUDIO_BASE, CODEBOOK_SIZE, END_OF_SPEECH, FrameAssembler, token_to_code, tokens_to_frames
+from agent.models.snac import frames_to_codes
 
 
 def tok(code: int, position: int) -> int:

@@ -82,8 +82,8 @@ def transformers_warnings():
 
 
 def test_generation_uses_no_deprecated_argument(models, transformers_warnings):
-    from agent.orpheus import SamplingParams
-    from agent.voxtral import ReplyParams
+    from agent.models.orpheus import SamplingParams
+    from agent.models.voxtral import ReplyParams
 
     orpheus, voxtral = models.tts.orpheus, models.voxtral
     stream = orpheus.stream(orpheus.prompt_ids("tara", "Hi."), SamplingParams(max_tokens=14), seed=1)

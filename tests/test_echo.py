@@ -1,4 +1,4 @@
-"""Echo-safe barge-in (agent/echo.py): the agent's own voice comes back over a phone line,
+"""Echo-safe barge-in (agent/call/echo.py): the agent's own voice comes back over a phone line,
 delayed, attenuated and through G.711; it must not interrupt the agent, and a caller who
 talks over it must.
 
@@ -21,11 +21,12 @@ from aiortc.codecs.g711 import PcmuDecoder, PcmuEncoder
 from aiortc.jitterbuffer import JitterFrame
 
 from agent.audio import Resampler, read_audio
+from agent.call.echo import EchoGuard, _Timeline
+from agent.call.events import CallerSpeechStarted
+from agent.call.session import CallSession
+from agent.call.vad import SpeechStarted, Utterance, VADSegmenter
 from agent.config import load_settings
-from agent.echo import EchoGuard, _Timeline
-from agent.headless import VirtualClock
-from agent.session import CallerSpeechStarted, CallSession
-from agent.vad import SpeechStarted, Utterance, VADSegmenter
+from signaling.headless import VirtualClock
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TICK = 0.02

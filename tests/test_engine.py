@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from agent.engine.batching import StepProfile
+from agent.engine.device import DeviceThread
+from agent.engine.llama import GraphedDecode, StaticLlama
 from agent.errors import AudioGenerationError
-from agent.engine import DeviceThread, GraphedDecode, SpeechBatcher, StaticLlama, StepProfile, audio_head
-from agent.orpheus import SamplingParams, audio_block, tokens_to_frames
-from agent.snac_codec import FADE_SAMPLES, FRAME_SAMPLES, decode_frames, fade_out, rel_l2
+from agent.models.orpheus import SamplingParams, audio_block, tokens_to_frames
+from agent.models.snac import FADE_SAMPLES, FRAME_SAMPLES, decode_frames, fade_out, rel_l2
+from agent.models.tts import SpeechBatcher, audio_head
 
 TEXTS = ["Hello there, how are you today?", "Fine.", "A third sentence, somewhat longer than the others are.",
          "Four."]

@@ -8,14 +8,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from agent.config import load_settings
+from agent.engine.generation import estimate_llama_bytes
 from agent.errors import InsufficientVRAMError, ModelInitializationError
-from agent.memory import GPUMemoryManager, available_ram
-from agent.monitor import PerformanceMonitor
-from agent.orpheus import (BOS, EOT, END_OF_HUMAN, START_OF_AI, START_OF_HUMAN, START_OF_SPEECH, VOCAB_SIZE,
-                           OrpheusDirectModel)
-from agent.generation import estimate_llama_bytes
-from agent.snac_codec import SNAC_24KHZ_CONFIG, load_snac
-from agent.tiny import llama3_tokenizer_file, tiny_orpheus_dir, tiny_snac_dir
+from agent.models.memory import GPUMemoryManager, available_ram
+from agent.models.monitor import PerformanceMonitor
+from agent.models.orpheus import BOS, END_OF_HUMAN, EOT, START_OF_AI, START_OF_HUMAN, START_OF_SPEECH, VOCAB_SIZE, OrpheusDirectModel
+from agent.models.snac import SNAC_24KHZ_CONFIG, load_snac
+from agent.models.tiny import llama3_tokenizer_file, tiny_orpheus_dir, tiny_snac_dir
 
 
 def test_tiny_checkpoints_are_saved_like_hub_repos():
@@ -109,7 +108,7 @@ def test_monitor_warns_on_missed_targets_and_reports(caplog):
 def test_auto_dtype_uses_float16_where_bf16_is_only_emulated(monkeypatch, native, expected):
     """A T4 or V100 (compute capability 7.x) emulates bf16: torch's is_bf16_supported()
     says yes by default and no with including_emulation=False."""
-    from agent.memory import resolve_dtype
+    from agent.models.memory import resolve_dtype
 
     def is_bf16_supported(including_emulation: bool = True) -> bool:
         return native or including_emulation
@@ -122,9 +121,9 @@ def test_auto_dtype_uses_float16_where_bf16_is_only_emulated(monkeypatch, native
 
 def test_the_memory_plan_counts_prefill_transients_and_cuda_graphs():
     """The figures in README's Hardware section, by arithmetic against the real configs."""
-    from agent.models import reply_engine_parts, speech_engine_parts
-    from agent.memory import prefill_transient_bytes
-    from agent.tiny import orpheus_3b_config, voxtral_mini_config
+    from agent.models.manager import reply_engine_parts, speech_engine_parts
+    from agent.models.memory import prefill_transient_bytes
+    from agent.models.tiny import orpheus_3b_config, voxtral_mini_config
 
     gib, bf16, cuda = 1024**3, torch.bfloat16, torch.device("cuda")
     text = voxtral_mini_config().text_config
@@ -147,7 +146,7 @@ def test_the_memory_plan_counts_prefill_transients_and_cuda_graphs():
 def _plan(settings, device: str = "cuda") -> list[tuple[str, int]]:
     """UnifiedModelManager.memory_plan for the real architectures (the random profile's
     configs), as on a GPU, without one."""
-    from agent.models import UnifiedModelManager
+    from agent.models.manager import UnifiedModelManager
 
     manager = UnifiedModelManager.__new__(UnifiedModelManager)
     manager.settings = settings.replace("voxtral", model="random:voxtral-mini").replace(
@@ -174,8 +173,8 @@ def test_defaults_and_the_24_gb_advice_add_up():
 
 
 def test_load_refuses_before_the_first_model_when_the_plan_does_not_fit(monkeypatch, tiny_settings):
-    from agent.models import UnifiedModelManager
-    from agent.voxtral import VoxtralModel
+    from agent.models.manager import UnifiedModelManager
+    from agent.models.voxtral import VoxtralModel
 
     loads = []
     monkeypatch.setattr(VoxtralModel, "load", classmethod(lambda cls, *a, **k: loads.append(a)))
@@ -193,7 +192,7 @@ def test_load_refuses_before_the_first_model_when_the_plan_does_not_fit(monkeypa
 
 
 def test_hub_and_local_loads_go_straight_to_the_device(monkeypatch):
-    from agent import memory
+    from agent.models import memory
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(memory, "accelerate_available", lambda: True)

@@ -14,14 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from agent.config import load_settings
 from agent.errors import ModelInitializationError
-from agent.preflight import Hub, check_model, check_models, download, require_models, wanted_files
+from agent.models.preflight import Hub, check_model, check_models, download, require_models, wanted_files
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 GATED = "canopylabs/orpheus-3b-0.1-ft"
@@ -178,7 +177,7 @@ def test_a_local_directory_stands_in_for_a_hub_checkout(tmp_path):
 
 
 def test_the_tiny_checkpoints_pass_as_local_checkouts():
-    from agent.tiny import tiny_orpheus_dir, tiny_snac_dir
+    from agent.models.tiny import tiny_orpheus_dir, tiny_snac_dir
 
     settings = default_settings(orpheus=str(tiny_orpheus_dir()), snac=str(tiny_snac_dir()))
     checks = check_models(settings, ("Orpheus", "SNAC"), Hub(endpoint=f"http://127.0.0.1:{free_port()}"))

@@ -11,7 +11,7 @@ from aiortc.codecs.g711 import PcmuDecoder, PcmuEncoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
-from signaling.rtp import LOST, SAMPLES, JitterBuffer, RtpSession, parse_dtmf
+from signaling.sip.rtp import LOST, SAMPLES, JitterBuffer, RtpSession, parse_dtmf
 
 
 def test_jitter_buffer_reorders_drops_late_and_marks_loss():

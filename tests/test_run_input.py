@@ -16,7 +16,7 @@ import pytest
 
 from agent.audio import WavWriter, read_audio
 from agent.errors import InputError
-from agent.headless import run_call
+from signaling.headless import run_call
 
 # Runs the command in a child and prints its exit status and peak RSS (MiB) as JSON: the
 # wrapper's RUSAGE_CHILDREN covers that one child only.

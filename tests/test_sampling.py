@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from agent.orpheus import (AUDIO_BASE, CODEBOOK_SIZE, END_OF_SPEECH, VOCAB_SIZE, ConstrainedSampler,
-                           SamplingParams, token_to_code)
+from agent.models.orpheus import AUDIO_BASE, CODEBOOK_SIZE, END_OF_SPEECH, VOCAB_SIZE, ConstrainedSampler, SamplingParams, token_to_code
 
 
 def make_sampler(params=SamplingParams(), seed=0):
@@ -66,7 +65,7 @@ def test_generation_stays_aligned_and_is_repeatable(tts_models):
 
 
 def test_sample_rows_matches_probabilities_and_top_p():
-    from agent.generation import sample_rows
+    from agent.engine.generation import sample_rows
 
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
@@ -81,7 +80,7 @@ def test_sample_rows_matches_probabilities_and_top_p():
 
 
 def test_batched_sampling_gives_each_row_what_it_gets_alone():
-    from agent.orpheus import AUDIO_IDS, audio_block, sample_audio
+    from agent.models.orpheus import AUDIO_IDS, audio_block, sample_audio
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5, VOCAB_SIZE, generator=g) * 3
@@ -122,7 +121,7 @@ def test_meta_device_refuses_a_cpu_operand_as_cuda_does():
 
 
 def test_sample_index_keeps_its_tensors_on_the_logits_device():
-    from agent.generation import sample_index
+    from agent.engine.generation import sample_index
 
     with MetaValues():
         for temperature in (0.0, 0.7):
@@ -130,7 +129,7 @@ def test_sample_index_keeps_its_tensors_on_the_logits_device():
 
 
 def test_sample_rows_takes_cpu_settings_for_device_logits():
-    from agent.generation import sample_rows
+    from agent.engine.generation import sample_rows
 
     with MetaValues():
         choice = sample_rows(torch.zeros(3, 50, device=META), torch.tensor([0.0, 0.5, 1.0]), torch.full((3,), 0.9),
@@ -139,7 +138,7 @@ def test_sample_rows_takes_cpu_settings_for_device_logits():
 
 
 def test_orpheus_sampling_keeps_its_tensors_on_the_logits_device():
-    from agent.orpheus import AUDIO_IDS, audio_block, sample_audio
+    from agent.models.orpheus import AUDIO_IDS, audio_block, sample_audio
 
     with MetaValues():
         sampler = ConstrainedSampler(SamplingParams(), torch.Generator(), META)
@@ -153,8 +152,8 @@ def test_orpheus_sampling_keeps_its_tensors_on_the_logits_device():
 
 def test_batched_samplers_keep_their_tensors_on_the_logits_device():
     """What the two batchers sample with (SpeechBatcher, ReplyBatcher)."""
-    from agent.generation import sample_choices
-    from agent.orpheus import AUDIO_IDS, audio_block, sample_streams
+    from agent.engine.generation import sample_choices
+    from agent.models.orpheus import AUDIO_IDS, audio_block, sample_streams
 
     generators = [torch.Generator(), torch.Generator()]
     with MetaValues():

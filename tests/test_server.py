@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from signaling.loopback import Caller
+from signaling.webrtc.loopback import Caller
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB_FILES = {p.read_bytes() for p in (ROOT / "web").iterdir() if p.is_file()}

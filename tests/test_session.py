@@ -1,17 +1,19 @@
 """The call session on the tiny profile: turns, barge-in, history, failures, headless runs."""
 
 import asyncio
-import threading
 import json
 import subprocess
 import sys
+import threading
 import wave
 
 import numpy as np
 import pytest
 
-from agent.headless import VirtualClock, run_call
-from agent.session import AgentInterrupted, CallSession, OutboundAudio, TextSegmenter
+from agent.call.events import AgentInterrupted
+from agent.call.outbound import OutboundAudio
+from agent.call.session import CallSession, TextSegmenter
+from signaling.headless import VirtualClock, run_call
 
 FRAME = 320  # 20 ms at 16 kHz
 

@@ -13,8 +13,8 @@ import pytest
 from aiortc.codecs.g711 import PcmuEncoder
 
 from agent.audio import read_audio
-from signaling.sip import SipServer
-from signaling.sip_message import parse_message
+from signaling.sip.endpoint import SipServer
+from signaling.sip.message import parse_message
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from agent.audio import read_audio
-from signaling.sip import SipServer
+from signaling.sip.endpoint import SipServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 HERE = Path(__file__).parent
@@ -98,7 +98,7 @@ async def stop(process: asyncio.subprocess.Process) -> None:
         process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             process.kill()
             await process.wait()
 

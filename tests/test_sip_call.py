@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiortc.rtp import RtpPacket
+from test_sip import free_udp_port, offer, phone_for, request, start, ulaw_file
 
 from agent.audio import read_audio
+from agent.call.events import DtmfReceived
 from agent.cli import main as cli_main
 from agent.config import load_settings
 from agent.errors import ConfigError
-from agent.session import DtmfReceived
-from signaling import sip
-from signaling.sdp import codec_from_answer, parse_sdp
-from signaling.sip_client import CallFailed, SipClient, call_out, parse_target
-from signaling.sip_message import make_response, parse_message
-from test_sip import free_udp_port, offer, phone_for, request, start, ulaw_file
+from signaling.sip import endpoint as sip
+from signaling.sip.client import CallFailed, SipClient, call_out, parse_target
+from signaling.sip.message import make_response, parse_message
+from signaling.sip.sdp import codec_from_answer, parse_sdp
 
 session_loop = pytest.mark.asyncio(loop_scope="session")  # the models fixture's loop
 HERE = Path(__file__).parent
@@ -68,6 +68,9 @@ async def test_voice_agent_call_talks_with_a_sipp_uas_until_sigterm(tmp_path):
                 line = await agent.stdout.readline()
                 assert line, f"the agent stopped early: {lines}"
                 lines.append(line.decode().rstrip("\n"))
+        # "turn 1" is printed once the reply is queued, not played: let it play before
+        # hanging up (an immediate SIGTERM cut some replies at 10 voiced packets).
+        await asyncio.sleep(2.0)
         agent.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(agent.communicate(), 20)
         lines += out.decode().splitlines()

@@ -16,11 +16,11 @@ import pytest
 from aiortc.codecs.g711 import PcmuDecoder, PcmuEncoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
+from test_sip import HERE, offer, phone_for, request, start
 
 from agent.audio import read_audio
-from signaling.sdp import codec_from_answer, parse_sdp
-from signaling.sip_message import make_response
-from test_sip import HERE, offer, phone_for, request, start
+from signaling.sip.message import make_response
+from signaling.sip.sdp import codec_from_answer, parse_sdp
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 VOICED = 500  # a packet whose samples reach this carries the agent's voice, not silence
@@ -342,7 +342,7 @@ async def test_a_failing_media_loop_is_logged_once_and_ends_the_call_with_a_bye(
             raise RuntimeError("injected fault")
 
         call.rtp.on_audio = broken
-        with caplog.at_level(logging.ERROR, logger="signaling.rtp"):
+        with caplog.at_level(logging.ERROR, logger="signaling.sip.rtp"):
             phone.start(agent)
             bye = await next_message(transport, 5)
         assert bye.method == "BYE" and bye.call_id == "fails"
@@ -364,9 +364,9 @@ async def test_ended_calls_are_not_kept_without_bound(models, tiny_settings):
     server's memory grew with its first 100 calls."""
     import gc
 
-    from agent.session import CallSession
-    from signaling.phone import LoopbackPhone
-    from signaling.sip import ENDED_KEPT
+    from agent.call.session import CallSession
+    from signaling.sip.endpoint import ENDED_KEPT
+    from signaling.sip.phone import LoopbackPhone
 
     server = await start(models, tiny_settings)
     try:

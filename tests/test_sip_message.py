@@ -14,13 +14,26 @@ from urllib.parse import unquote
 
 import pytest
 
-from signaling.sdp import (NoCommonCodec, SdpError, answer_audio, codec_from_answer, make_offer,
-                           parse_sdp)
-from signaling.sip_message import (MAX_HEADER_LINE, MAX_HEADERS, REASONS, SipMessage, SipParseError,
-                                   SipUri, UnsupportedUriScheme, UnsupportedVersion,
-                                   canonical_name, make_response, parse_message, parse_name_addr,
-                                   parse_uri, parse_via, response_address, set_received_rport,
-                                   split_top)
+from signaling.sip.message import (
+    MAX_HEADER_LINE,
+    MAX_HEADERS,
+    REASONS,
+    SipMessage,
+    SipParseError,
+    SipUri,
+    UnsupportedUriScheme,
+    UnsupportedVersion,
+    canonical_name,
+    make_response,
+    parse_message,
+    parse_name_addr,
+    parse_uri,
+    parse_via,
+    response_address,
+    set_received_rport,
+    split_top,
+)
+from signaling.sip.sdp import NoCommonCodec, SdpError, answer_audio, codec_from_answer, make_offer, parse_sdp
 
 
 def wire(text: bytes) -> bytes:

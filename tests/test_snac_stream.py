@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agent.snac_codec import FRAME_SAMPLES, StreamingSNACDecoder, Window, decode_batch, decode_frames, rel_l2
+from agent.models.snac import FRAME_SAMPLES, StreamingSNACDecoder, Window, decode_batch, decode_frames, rel_l2
 
 N_FRAMES = 48  # about 4 s of audio
 

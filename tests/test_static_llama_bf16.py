@@ -20,8 +20,8 @@ import os
 import pytest
 import torch
 
-from agent.engine import StaticLlama, _round_up
-from agent.orpheus import AUDIO_BASE, AUDIO_IDS, audio_block
+from agent.engine.llama import StaticLlama, round_up
+from agent.models.orpheus import AUDIO_BASE, AUDIO_IDS, audio_block
 
 PROMPT, STEPS = 200, 8
 SHARPEN = 4.0
@@ -48,13 +48,13 @@ def compare(model, ids: torch.Tensor, device: torch.device) -> dict[str, float]:
     def rows(logits: torch.Tensor) -> torch.Tensor:
         return logits.index_select(-1, ids)
 
-    llama = StaticLlama(model.model, head, slots=2, max_len=_round_up(PROMPT + STEPS + 1, 64) + 64)
+    llama = StaticLlama(model.model, head, slots=2, max_len=round_up(PROMPT + STEPS + 1, 64) + 64)
     ours = [llama.prefill(1, prompt, 0)]
     for i, token in enumerate(steps[:-1]):
         position = PROMPT + i
         tokens = torch.stack([torch.zeros_like(token), token])
         positions = torch.tensor([llama.scratch, position], device=device)
-        ours.append(llama.decode(tokens, positions, _round_up(position + 1, StaticLlama.LENGTH_STEP))[1])
+        ours.append(llama.decode(tokens, positions, round_up(position + 1, StaticLlama.LENGTH_STEP))[1])
     ours = torch.stack(ours)
     sequence = torch.cat([prompt, steps[:-1]])[None]
     theirs = rows(model(input_ids=sequence).logits[0, PROMPT - 1:])
@@ -71,7 +71,7 @@ def compare(model, ids: torch.Tensor, device: torch.device) -> dict[str, float]:
 
 
 def _configs(tiny: bool):
-    from agent import tiny as t
+    from agent.models import tiny as t
 
     if tiny:
         voxtral = t.tiny_voxtral_config().text_config
@@ -80,7 +80,7 @@ def _configs(tiny: bool):
 
 
 def _run(name: str, config, device: torch.device, capsys) -> dict[str, float]:
-    from agent.tiny import random_llama
+    from agent.models.tiny import random_llama
 
     model = random_llama(config, device, torch.bfloat16).eval()
     # Random weights attend almost uniformly, so a wrong position or mask would hardly

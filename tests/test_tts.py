@@ -6,10 +6,10 @@ import logging
 import numpy as np
 import pytest
 
-from agent.errors import AudioGenerationError, InputError
 from agent.config import load_settings
-from agent.snac_codec import FADE_SAMPLES, FRAME_SAMPLES
-from agent.tts import sentence_chars, split_sentences
+from agent.errors import AudioGenerationError, InputError
+from agent.models.snac import FADE_SAMPLES, FRAME_SAMPLES
+from agent.models.tts import sentence_chars, split_sentences
 
 
 async def collect(agen):

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from agent.audio import Resampler, read_audio
+from agent.call.vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
 from agent.config import load_settings
 from agent.errors import InputError
-from agent.vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
-
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,16 @@
 """Voxtral through the real processor and model classes, on the tiny checkpoint."""
 
 import json
-
-import numpy as np
 import urllib.parse
 
+import numpy as np
 import pytest
 import torch
 from transformers import VoxtralForConditionalGeneration
 
 from agent.errors import InputError, InsufficientVRAMError, ModelInitializationError
-from agent.tiny import tiny_voxtral_dir
-from agent.voxtral import (SAMPLE_RATE, ChatTurn, ReplyParams, TurnAudio, VoxtralModel, estimate_voxtral_bytes)
+from agent.models.tiny import load_voxtral, tiny_voxtral_dir
+from agent.models.voxtral import SAMPLE_RATE, ChatTurn, ReplyParams, TurnAudio, VoxtralModel, estimate_voxtral_bytes
 
 AUDIO, BEGIN_AUDIO, TRANSCRIBE, BOS, EOS, INST, END_INST = 24, 25, 34, 1, 2, 3, 4
 TOKENS_PER_30S = 375
@@ -289,7 +288,7 @@ def test_missing_weights_name_the_model_and_the_way_out(monkeypatch, tmp_path):
 # -- replies decoded together (ReplyBatcher) ------------------------------------------------
 
 def _reply_batcher(voxtral, slots=2, max_seq_len=1024, prefill_chunk=128):
-    from agent.voxtral import ReplyBatcher
+    from agent.models.voxtral import ReplyBatcher
 
     return ReplyBatcher(voxtral, slots, max_seq_len, prefill_chunk, cuda_graphs=False)
 
@@ -371,7 +370,7 @@ async def test_a_closed_batched_reply_leaves_at_the_next_step(voxtral):
 def test_a_prompt_too_long_for_the_reply_engine_takes_the_single_path(models):
     """open_reply batches a reply when its prompt and longest reply fit a slot, and hands
     a longer one to the single path rather than failing the turn."""
-    from agent.voxtral import BatchedReply, TextStream
+    from agent.models.voxtral import BatchedReply, TextStream
 
     engine = models.replies
     models.replies = _reply_batcher(models.voxtral, slots=1, max_seq_len=512)  # not stepped: admit only
@@ -391,7 +390,7 @@ def test_random_voxtral_mini_is_the_real_architecture_and_runs(voxtral):
     """The orpheus-3b-random profile's Voxtral: VoxtralConfig's defaults (Voxtral Mini) with
     our tekken's audio id; the random-weight builder makes a model that answers (checked on
     the tiny config: the 4.7 B one would take 19 GB of RAM in float32)."""
-    from agent.tiny import random_voxtral, tiny_voxtral_config, voxtral_mini_config
+    from agent.models.tiny import random_voxtral, tiny_voxtral_config, voxtral_mini_config
 
     mini = voxtral_mini_config()
     assert mini.audio_token_id == AUDIO and mini.text_config.num_hidden_layers == 30
@@ -412,5 +411,5 @@ def test_random_voxtral_mini_is_the_real_architecture_and_runs(voxtral):
         raise InsufficientVRAMError(f"{name} needs {needed} bytes")
 
     with pytest.raises(InsufficientVRAMError, match="random:voxtral-mini"):
-        VoxtralModel.load("random:voxtral-mini", torch.device("cpu"), torch.bfloat16, check_memory=refuse)
+        load_voxtral("random:voxtral-mini", torch.device("cpu"), torch.bfloat16, check_memory=refuse)
     assert asked[0][1] == estimate_voxtral_bytes(mini, torch.bfloat16)

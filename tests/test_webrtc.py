@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
-from signaling.loopback import Caller
 from signaling.server import CALLS, create_app
-from signaling.webrtc import SessionAudioTrack
+from signaling.webrtc.call import SessionAudioTrack
+from signaling.webrtc.loopback import Caller
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 RATE = 16000
@@ -168,7 +168,7 @@ async def test_metrics_and_the_page(server):
 
 
 async def test_outbound_track_paces_and_survives_barge_in():
-    from agent.session import OutboundAudio
+    from agent.call.outbound import OutboundAudio
 
     out = OutboundAudio(480, 100)
     await out.put(np.full(480 * 20, 1000, dtype=np.int16), 1, 0)

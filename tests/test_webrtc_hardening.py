@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from signaling.loopback import Caller
 from signaling.server import CALLS, create_app
-from signaling.webrtc import BadOffer, SessionAudioTrack, WebRTCCall
+from signaling.webrtc.call import BadOffer, SessionAudioTrack, WebRTCCall
+from signaling.webrtc.loopback import Caller
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -66,7 +66,7 @@ def closed_counter(call: WebRTCCall) -> list[WebRTCCall]:
 async def test_close_never_raises_and_reports_once(models, tiny_settings):
     # What a failed negotiation leaves: aiortc made a transceiver for the track but never
     # gave it a transport, and its own close() raises on it.
-    from agent.session import OutboundAudio
+    from agent.call.outbound import OutboundAudio
 
     call = WebRTCCall(models, tiny_settings, None)
     closed = closed_counter(call)
@@ -207,7 +207,7 @@ async def test_a_failed_dtls_handshake_is_logged_with_its_cause(models, tiny_set
                 assert r.status == 200
                 answer = await r.json()
         call = server.app[CALLS][answer["call_id"]]
-        with caplog.at_level("WARNING", logger="signaling.webrtc"):
+        with caplog.at_level("WARNING", logger="signaling.webrtc.call"):
             await caller.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
             deadline = time.monotonic() + 30
             while answer["call_id"] in server.app[CALLS] and time.monotonic() < deadline:
@@ -225,7 +225,7 @@ async def test_a_killed_peer_is_dropped_after_media_timeout(models, tiny_setting
     peer = None
     try:
         # A caller in a process of its own, killed mid-call: no DTLS close, no DELETE.
-        peer = await asyncio.create_subprocess_exec(sys.executable, "-m", "signaling.loopback",
+        peer = await asyncio.create_subprocess_exec(sys.executable, "-m", "signaling.webrtc.loopback",
                                                     str(server.make_url("")), "1", "120")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(c.pc.connectionState == "connected"

@@ -7,11 +7,12 @@ import gc
 import logging
 import os
 import resource
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .errors import ConfigError, InsufficientVRAMError
+from agent.errors import ConfigError, InsufficientVRAMError
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -83,7 +84,7 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 def prefill_transient_bytes(config, positions: int, keys: int, dtype: torch.dtype) -> int:
     """Peak memory, beyond weights and cache, of one StaticLlama forward pass of
-    `positions` prompt positions attending over `keys` keys (agent/engine.py).
+    `positions` prompt positions attending over `keys` keys (agent/engine/llama.py).
 
     Its attention materializes one layer's scores at a time, (heads, positions, keys): the
     scores, their masked copy, the float32 softmax and its cast back, 2 x dtype + 4 bytes

@@ -118,7 +118,7 @@ async def hold_calls(base_url: str, n: int, seconds: float) -> None:
         await asyncio.gather(*(c.close() for c in callers))
 
 
-if __name__ == "__main__":  # python -m signaling.loopback URL CALLS SECONDS
+if __name__ == "__main__":  # python -m signaling.webrtc.loopback URL CALLS SECONDS
     import sys
 
     asyncio.run(hold_calls(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))

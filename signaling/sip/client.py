@@ -23,17 +23,16 @@ import logging
 import random
 import socket
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
+from agent.call.events import AgentInterrupted, DtmfReceived, SessionEvent, TurnFailed, TurnFinished
 from agent.config import Settings
 from agent.errors import InputError, VoiceAgentError
-from agent.models import UnifiedModelManager
-from agent.session import AgentInterrupted, DtmfReceived, SessionEvent, TurnFailed, TurnFinished
-
-from . import sip
-from .sdp import SdpError, codec_from_answer, make_offer, parse_sdp
-from .sip import ALLOW, CLOSE_GRACE_S, T1, TIMER_F, Dialog, SipCall, SipEndpoint, contact_uri, hostport, rtp_socket
-from .sip_message import DEFAULT_PORT, SipMessage, SipParseError, SipUri, parse_uri
+from agent.models.manager import UnifiedModelManager
+from signaling.sip import endpoint as sip
+from signaling.sip.endpoint import ALLOW, CLOSE_GRACE_S, T1, TIMER_F, Dialog, SipCall, SipEndpoint, contact_uri, hostport, rtp_socket
+from signaling.sip.message import DEFAULT_PORT, SipMessage, SipParseError, SipUri, parse_uri
+from signaling.sip.sdp import SdpError, codec_from_answer, make_offer, parse_sdp
 
 log = logging.getLogger(__name__)
 RING_TIMEOUT_S = 120.0  # how long a call may ring before the agent gives up (CANCEL)
@@ -163,7 +162,7 @@ class SipClient(SipEndpoint):
                 resend = not ringing and interval < left  # else the wait ends at the deadline
                 try:
                     answer = await asyncio.wait_for(answers.get(), interval if resend else left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if resend:
                         interval *= 2
                         self.transport.sendto(data, peer)
@@ -190,7 +189,7 @@ class SipClient(SipEndpoint):
         try:
             while (answer := await asyncio.wait_for(answers.get(), wait)).status < 200:
                 pass
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         if answer.status < 300:
             self._confirm(call, answer)

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from .rtp import SAMPLES, RtpSession
-from .sdp import codec_from_answer, make_offer, parse_sdp
-from .sip_message import SipMessage, parse_message
+from signaling.sip.message import SipMessage, parse_message
+from signaling.sip.rtp import SAMPLES, RtpSession
+from signaling.sip.sdp import codec_from_answer, make_offer, parse_sdp
 
 LOUD = 300  # RMS above which a played 20 ms counts as the agent speaking (tiny profile: far above)
 
@@ -96,7 +96,7 @@ class LoopbackPhone:
                 self._cseq += 1
                 self._sip.sendto(self._request("BYE"), self.agent)
                 await asyncio.wait_for(self._replies.get(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             await self.rtp.close()

@@ -9,7 +9,7 @@ A transport only calls push_audio() with what it receives and takes frames from
 caller starts speaking while the agent is thinking or talking (barge-in), the turn is
 cancelled, which stops generation, and the queued audio is dropped at once; the
 conversation keeps only the part of the reply that was played. On phone lines the
-agent's own voice comes back as echo: an EchoGuard (agent/echo.py) in front of the VAD,
+agent's own voice comes back as echo: an EchoGuard (agent/call/echo.py) in front of the VAD,
 fed every frame played, keeps it from counting as the caller barging in.
 """
 
@@ -21,131 +21,33 @@ import random
 import re
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from .audio import Resampler
-from .config import Settings
-from .echo import EchoGuard
-from .models import UnifiedModelManager
-from .vad import RATE as IN_RATE
-from .vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
-from .voxtral import ChatTurn, ReplyParams, TurnAudio
+from agent.audio import Resampler
+from agent.call.echo import EchoGuard
+from agent.call.events import (
+    AgentInterrupted,
+    AgentReplyText,
+    CallerSpeechStarted,
+    CallerSpeechStopped,
+    DtmfReceived,
+    Segment,
+    SessionEvent,
+    TurnFailed,
+    TurnFinished,
+    TurnRecord,
+)
+from agent.call.outbound import OutboundAudio, OutFrame
+from agent.call.vad import RATE as IN_RATE
+from agent.call.vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
+from agent.config import Settings
+from agent.models.manager import UnifiedModelManager
+from agent.models.voxtral import ChatTurn, ReplyParams, TurnAudio
 
 log = logging.getLogger(__name__)
 OUT_RATE = 24000
-
-
-# -- events ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CallerSpeechStarted:
-    t: float
-
-
-@dataclass(frozen=True)
-class CallerSpeechStopped:
-    t: float
-    duration_s: float
-
-
-@dataclass(frozen=True)
-class AgentReplyText:
-    turn: int
-    text: str  # a clause or sentence handed to TTS
-
-
-@dataclass(frozen=True)
-class AgentInterrupted:
-    turn: int
-    played_text: str
-    dropped_frames: int
-
-
-@dataclass(frozen=True)
-class TurnFinished:
-    turn: "TurnRecord"
-
-
-@dataclass(frozen=True)
-class TurnFailed:
-    turn: int
-    error: str
-
-
-@dataclass(frozen=True)
-class DtmfReceived:
-    digit: str  # 0-9, *, #, A-D
-    t: float
-
-
-SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | TurnFinished
-                | TurnFailed | DtmfReceived)
-
-
-# -- turns -------------------------------------------------------------------------
-
-@dataclass
-class Segment:
-    text: str
-    produced: int = 0  # samples made by TTS
-    played: int = 0  # samples taken by the player
-
-
-@dataclass
-class TurnRecord:
-    index: int
-    start: float  # caller's utterance, session seconds
-    end: float  # end of the last voiced frame
-    decided_at: float
-    segments: list[Segment] = field(default_factory=list)
-    reply_text: str = ""
-    interrupted: bool = False
-    played_text: str | None = None  # set once known: the whole reply, or what was heard
-    error: str | None = None
-    # Session-clock times of the stages, and device time used, for the latency breakdown.
-    t_decision: float = 0.0
-    t_first_token: float | None = None
-    t_first_tts_audio: float | None = None
-    t_first_frame: float | None = None
-    agent_start: float | None = None  # first and last frame taken by the player
-    agent_end: float | None = None
-    busy_at_decision: float = 0.0
-    busy_at_first_frame: float | None = None
-
-    def latency_ms(self) -> dict[str, float | None]:
-        """From the end of the caller's speech (the last voiced frame) to each stage."""
-        ms = lambda t: None if t is None else round((t - self.end) * 1000, 1)  # noqa: E731
-        overhead = None
-        if self.t_first_frame is not None and self.busy_at_first_frame is not None:
-            span = self.t_first_frame - self.t_decision
-            overhead = round((span - (self.busy_at_first_frame - self.busy_at_decision)) * 1000, 2)
-        return {"vad": ms(self.t_decision), "first_token": ms(self.t_first_token),
-                "first_tts_audio": ms(self.t_first_tts_audio), "first_frame_queued": ms(self.t_first_frame),
-                "pipeline_overhead": overhead}
-
-    def heard_text(self) -> str:
-        """The reply as far as the caller heard it (word-level, by the share of audio played)."""
-        words: list[str] = []
-        for seg in self.segments:
-            if seg.produced == 0 or seg.played == 0:
-                break
-            seg_words = seg.text.split()
-            share = min(1.0, seg.played / seg.produced)
-            words.extend(seg_words[:round(share * len(seg_words))])
-            if share < 1.0:
-                break
-        return " ".join(words)
-
-    def to_dict(self) -> dict[str, Any]:
-        r = lambda t: None if t is None else round(t, 3)  # noqa: E731
-        return {"index": self.index, "start": r(self.start), "end": r(self.end),
-                "reply": self.played_text if self.played_text is not None else self.reply_text,
-                "generated": self.reply_text, "interrupted": self.interrupted, "error": self.error,
-                "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
-                "latency_ms": self.latency_ms()}
 
 
 class TextSegmenter:
@@ -177,78 +79,6 @@ class TextSegmenter:
     def flush(self) -> str | None:
         piece, self.buffer = self.buffer.strip(), ""
         return piece or None
-
-
-# -- outbound audio ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class OutFrame:
-    samples: np.ndarray  # int16, exactly one frame
-    turn: int
-    segment: int
-
-
-class OutboundAudio:
-    """The agent's audio as fixed-size frames. TTS waits in put() while `max_frames` are
-    queued (backpressure); the player takes frames with get_nowait(); clear() drops
-    everything at once (barge-in)."""
-
-    def __init__(self, frame_samples: int, max_frames: int,
-                 on_played: Callable[[OutFrame], None] | None = None) -> None:
-        self.frame_samples = frame_samples
-        self.max_frames = max_frames
-        self.on_played = on_played
-        self._frames: deque[OutFrame] = deque()
-        self._carry = np.zeros(0, dtype=np.int16)
-        self._carry_tag = (0, 0)
-        self._space = asyncio.Event()
-        self._space.set()
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    async def put(self, samples: np.ndarray, turn: int, segment: int) -> int:
-        """Queue audio; returns how many whole frames it completed."""
-        if not len(self._carry):
-            self._carry_tag = (turn, segment)
-        data = np.concatenate([self._carry, samples.astype(np.int16)])
-        n = len(data) // self.frame_samples
-        made = 0
-        for i in range(n):
-            while len(self._frames) >= self.max_frames:
-                self._space.clear()
-                await self._space.wait()
-            tag = self._carry_tag if i == 0 else (turn, segment)
-            self._frames.append(OutFrame(data[i * self.frame_samples:(i + 1) * self.frame_samples], *tag))
-            made += 1
-        self._carry = data[n * self.frame_samples:]
-        if len(self._carry):
-            self._carry_tag = (turn, segment)
-        return made
-
-    def finish(self) -> None:
-        """End of a reply: the last partial frame goes out, padded with silence."""
-        if len(self._carry):
-            frame = np.zeros(self.frame_samples, dtype=np.int16)
-            frame[:len(self._carry)] = self._carry
-            self._frames.append(OutFrame(frame, *self._carry_tag))
-            self._carry = np.zeros(0, dtype=np.int16)
-
-    def get_nowait(self) -> OutFrame | None:
-        if not self._frames:
-            return None
-        frame = self._frames.popleft()
-        self._space.set()
-        if self.on_played is not None:
-            self.on_played(frame)
-        return frame
-
-    def clear(self) -> int:
-        dropped = len(self._frames)
-        self._frames.clear()
-        self._carry = np.zeros(0, dtype=np.int16)
-        self._space.set()
-        return dropped
 
 
 # -- the session -------------------------------------------------------------------

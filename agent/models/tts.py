@@ -3,7 +3,7 @@
 The path of one sentence: prompt -> TokenStream (Orpheus, one token per step) ->
 FrameAssembler (7 codes a frame) -> StreamingSNACDecoder -> int16 chunks.
 All model work runs on one device thread, so the event loop never waits on a model.
-With a `SpeechBatcher` (engine.mode = "batched", agent/engine.py) every sentence being
+With a `SpeechBatcher` (engine.mode = "batched", defined below) every sentence being
 spoken joins one decode step shared by all calls; without one ("single") each stream
 runs its own steps, pulled by its consumer. Either way a consumer that stops iterating
 stops its stream, and its KV cache (or cache slot) is freed at once.
@@ -16,17 +16,33 @@ import logging
 import random
 import re
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import numpy as np
+import torch
 
-from .config import Settings
-from .errors import AudioGenerationError, InputError
-from .memory import GPUMemoryManager
-from .engine import BatchedStream, DeviceThread, SpeechBatcher
-from .monitor import PerformanceMonitor, RequestMetrics
-from .orpheus import FRAME_TOKENS, FrameAssembler, OrpheusDirectModel, SamplingParams, TokenStream
-from .snac_codec import StreamingSNACDecoder, to_int16
+from agent.config import Settings
+from agent.engine.batching import SlotBatcher, SlotStream
+from agent.engine.device import DeviceThread
+from agent.engine.llama import StaticLlama
+from agent.errors import AudioGenerationError, InputError
+from agent.models.memory import GPUMemoryManager
+from agent.models.monitor import PerformanceMonitor, RequestMetrics
+from agent.models.orpheus import (
+    AUDIO_BASE,
+    AUDIO_IDS,
+    END_OF_SPEECH,
+    EOS_COLUMN,
+    FRAME_TOKENS,
+    FrameAssembler,
+    OrpheusDirectModel,
+    SamplingParams,
+    TokenStream,
+    column_to_token,
+    sample_streams,
+    stream_generator,
+)
+from agent.models.snac import StreamingSNACDecoder, decode_batch, to_int16
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +85,116 @@ def sentence_chars(settings: Settings) -> int:
     at a clause or a space rather than cut off mid-word at the token limit."""
     o = settings.orpheus
     return max(1, min(settings.tts.max_sentence_chars, int(o.max_tokens / o.tokens_per_char)))
+
+
+def audio_head(model: torch.nn.Module) -> torch.Tensor:
+    """The rows of Orpheus's head that its sampler reads: the 7 x 4096 audio ids, then
+    end_of_speech (orpheus.audio_block's layout)."""
+    weight = model.lm_head.weight
+    return torch.cat([weight[AUDIO_BASE:AUDIO_BASE + AUDIO_IDS], weight[END_OF_SPEECH:END_OF_SPEECH + 1]]).contiguous()
+
+
+class BatchedStream(SlotStream):
+    """One sentence being spoken by the batcher. The device thread fills it; the event
+    loop reads its audio with next_audio() and stops it with close()."""
+
+    def __init__(self, prompt: torch.Tensor, params: SamplingParams, seed: int, decoder: StreamingSNACDecoder,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(prompt, params.max_tokens, loop)
+        self.params = params
+        self.generator = stream_generator(seed)
+        self.decoder = decoder
+        self.assembler = FrameAssembler()
+
+    @property
+    def position(self) -> int:
+        """Audio tokens so far: the next token's place in its 7-token frame is position % 7."""
+        return len(self.tokens)
+
+    async def next_audio(self) -> np.ndarray | None:
+        """The next chunk of float32 audio, or None at the end (then `done` is set)."""
+        return await self._next()
+
+
+class SpeechBatcher(SlotBatcher):
+    """Continuous batching of Orpheus decoding: position-constrained sampling per stream,
+    frames of 7 codes, and the SNAC windows that became due, decoded together. While a new
+    stream waits for its first audio, streams more than `defer_lead_s` ahead of their
+    listeners put off their windows, so the first audio of a new reply comes first.
+    """
+
+    def __init__(self, orpheus, snac, max_streams: int, max_seq_len: int, prefill_chunk: int,
+                 defer_lead_s: float, snac_mode: str, max_frames_per_window: int, cuda_graphs: bool) -> None:
+        llama = StaticLlama(orpheus.model.model, audio_head(orpheus.model), max_streams, max_seq_len)
+        super().__init__(llama, prefill_chunk, cuda_graphs)
+        self.snac = snac
+        self.defer_lead_s = defer_lead_s
+        self.snac_mode = snac_mode
+        self.max_frames_per_window = max_frames_per_window
+        self.pad_snac_windows = llama.device.type == "cuda"  # one SNAC call per step (decode_batch)
+        self.seen = torch.zeros(max_streams, AUDIO_IDS + 1, dtype=torch.bool, device=llama.device)
+
+    def admit(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+              loop: asyncio.AbstractEventLoop) -> BatchedStream:
+        """A new stream (on the device thread); it starts at the next step with a free slot."""
+        decoder = StreamingSNACDecoder(self.snac, self.snac_mode, self.max_frames_per_window)
+        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.llama.device)
+        stream = BatchedStream(prompt, params, seed, decoder, loop)
+        self._enqueue(stream, "a speech prompt")
+        return stream
+
+    def _on_assign(self, slot: int) -> None:
+        self.seen[slot] = False
+
+    def _on_move(self, src: int, dst: int) -> None:
+        self.seen[dst] = self.seen[src]
+
+    def _sample(self, streams: list[BatchedStream], block: torch.Tensor) -> None:
+        """Sample one token per stream from its logits block and feed its frame assembler."""
+        slots = torch.tensor([s.slot for s in streams], device=block.device)
+        columns = sample_streams(block, [s.position for s in streams], self.seen.index_select(0, slots),
+                                 [s.params for s in streams], [s.generator for s in streams])
+        self.seen[slots, columns] = True
+        now = time.perf_counter()
+        for stream, column in zip(streams, columns.tolist()):
+            token = column_to_token(column)
+            if column == EOS_COLUMN:
+                stream.finished = True
+                continue
+            stream._take(token, now)
+            if stream.finished:  # its token limit, not end_of_speech: the audio fades out
+                stream.decoder.fade_at_end()
+            frame = stream.assembler.push(token)
+            if frame is not None:
+                stream.decoder.add(frame)
+
+    def _emit(self, streams: list[BatchedStream]) -> None:
+        """Decode the SNAC windows now due, first audio before streams far ahead."""
+        windows = []
+        for stream in streams:
+            if stream.finished or stream.assembler.partial_tokens == 0:
+                window = stream.decoder.next_window(final=stream.finished)
+                if window is not None:
+                    windows.append((stream, window))
+        if any(s.decoder.emitted == 0 and not s.finished for s in self.active):  # a new stream warms up
+            windows = [(s, w) for s, w in windows
+                       if s.finished or s.decoder.emitted == 0 or s.decoder.lead_s <= self.defer_lead_s]
+        jobs = [(s.decoder, w) for s, w in windows]
+        audio = decode_batch(self.snac, jobs, self.pad_snac_windows) if jobs else []
+        if self.profile is not None:
+            decoded = [s.decoder.last_window for s, _ in windows]
+            self.profile.snac_calls += len({w.frames for w in decoded})  # one call per window length
+            self.profile.snac_frames += sum(w.frames for w in decoded)
+        self._mark("snac")
+        for (stream, _), chunk in zip(windows, audio):
+            if len(chunk):
+                stream._deliver(chunk)
+        for stream in streams:
+            if stream.assembler.partial_tokens == 0:
+                stream.decoder.mark_done()
+            if stream.finished:
+                stream._deliver(None)
+                self._release(stream)
 
 
 class SpeechStream:
@@ -122,7 +248,7 @@ class TTSServiceDirect:
     def __init__(self, orpheus: OrpheusDirectModel, snac, settings: Settings,
                  monitor: PerformanceMonitor | None = None,
                  memory: GPUMemoryManager | None = None,
-                 device_thread: "DeviceThread | None" = None,
+                 device_thread: DeviceThread | None = None,
                  batcher: SpeechBatcher | None = None) -> None:
         self.orpheus = orpheus
         self.snac = snac

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import MonitorSettings
-from .snac_codec import SAMPLE_RATE
+from agent.config import MonitorSettings
+from agent.models.snac import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -20,6 +20,7 @@ _ids = itertools.count(1)
 
 @dataclass
 class RequestMetrics:
+    """The timings of one speech request."""
     voice: str
     text_chars: int
     request_id: int = field(default_factory=lambda: next(_ids))

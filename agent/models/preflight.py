@@ -14,13 +14,14 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from .config import Settings
-from .errors import ModelInitializationError
-from .generation import first_line
+from agent.config import Settings
+from agent.engine.generation import first_line
+from agent.errors import ModelInitializationError
 
 log = logging.getLogger(__name__)
 

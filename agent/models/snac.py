@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .generation import load_failure
-from .orpheus import FRAME_TOKENS
+from agent.engine.generation import load_failure
 
+FRAME_TOKENS = 7  # codes in one SNAC frame (24 kHz model: 1 + 2 + 4 over three codebooks)
 SAMPLE_RATE = 24000
 FRAME_SAMPLES = 2048
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
@@ -173,7 +173,7 @@ class StreamingSNACDecoder:
         """The frame just added is handled (decoded or not): generation time restarts."""
         self._last_push_done = self.clock()
 
-    def next_window(self, final: bool) -> "Window | None":
+    def next_window(self, final: bool) -> Window | None:
         """The window to decode now, if any (`final`: the stream has ended)."""
         n = len(self.frames)
         if self.mode == "baseline":
@@ -209,10 +209,10 @@ class StreamingSNACDecoder:
         sustaining = math.ceil(context_s / spare) if spare > 0 else self.max_frames_per_window
         return max(1, min(self.max_frames_per_window, max(affordable, sustaining)))
 
-    def _decode(self, window: "Window") -> np.ndarray:
+    def _decode(self, window: Window) -> np.ndarray:
         return decode_batch(self.snac, [(self, window)])[0]
 
-    def accept(self, window: "Window", audio: torch.Tensor, elapsed: float) -> np.ndarray:
+    def accept(self, window: Window, audio: torch.Tensor, elapsed: float) -> np.ndarray:
         """Take the decoded window (1-D samples) and return the part it emits."""
         lo = (window.emit_start - window.start) * FRAME_SAMPLES
         hi = (window.emit_end - window.start) * FRAME_SAMPLES

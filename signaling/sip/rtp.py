@@ -27,7 +27,7 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import av
 import numpy as np

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from .config import Settings
-from .models import UnifiedModelManager
-from .session import OUT_RATE, CallSession, TurnRecord
-from .vad import RATE as IN_RATE
+from agent.call.events import TurnRecord
+from agent.call.session import OUT_RATE, CallSession
+from agent.call.vad import RATE as IN_RATE
+from agent.config import Settings
+from agent.models.manager import UnifiedModelManager
 
-FRAME_S = 0.02
+PACKET_S = 0.02  # the virtual clock ticks in 20 ms packets, as transports do (a SNAC frame is snac.FRAME_S)
 TAIL_LIMIT_S = 60.0  # most time the agent may keep talking after the recording ends
 
 
@@ -46,12 +48,14 @@ class VirtualClock:
 
 @dataclass
 class CallResult:
+    """What a headless call produced: its turns and the audio of both sides."""
     recording: np.ndarray | None  # (n, 2) int16 at 24 kHz: left the caller, right the agent (None: written out)
     turns: list[TurnRecord]
     input_s: float
 
 
 class RecordingSink(Protocol):
+    """Where a headless call writes its stereo recording as it goes."""
     def write(self, samples: np.ndarray) -> None: ...
 
 
@@ -63,8 +67,8 @@ async def run_call(models: UnifiedModelManager, caller_16k: np.ndarray, caller_2
     it in memory); without one it is returned whole in the CallResult."""
     clock = VirtualClock()
     session = CallSession(models, settings, clock=clock, seed=seed)
-    in_step = int(IN_RATE * FRAME_S)
-    out_step = int(OUT_RATE * FRAME_S)
+    in_step = int(IN_RATE * PACKET_S)
+    out_step = int(OUT_RATE * PACKET_S)
     n_in = -(-len(caller_16k) // in_step)
     silence_in = np.zeros(in_step, dtype=np.int16)
     blocks: list[np.ndarray] = []
@@ -75,8 +79,8 @@ async def run_call(models: UnifiedModelManager, caller_16k: np.ndarray, caller_2
     i = 0
     try:
         while True:
-            t = (i + 1) * FRAME_S
-            if i >= n_in and (not session.agent_busy or t > n_in * FRAME_S + TAIL_LIMIT_S):
+            t = (i + 1) * PACKET_S
+            if i >= n_in and (not session.agent_busy or t > n_in * PACKET_S + TAIL_LIMIT_S):
                 break
             if realtime or session.agent_busy:
                 await clock.sleep_until(t)

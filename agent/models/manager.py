@@ -2,7 +2,7 @@
 
 `UnifiedModelManager` loads Voxtral, then Orpheus and SNAC, one after the other,
 checking the memory budget before each, and owns the `DeviceThread` on which all model
-work runs (agent/engine.py), so the asyncio event loop never waits on a model. With
+work runs (agent/engine/device.py), so the asyncio event loop never waits on a model. With
 `engine.mode = "batched"` the speech streams of every call share its decode steps.
 """
 
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .config import Settings
-from .engine import DeviceThread
-from .errors import ModelInitializationError
-from .memory import (GPUMemoryManager, dtype_bytes, graph_pool_bytes, prefill_transient_bytes, resolve_device,
-                     resolve_dtype)
+from agent.config import Settings
+from agent.engine.device import DeviceThread
+from agent.errors import ModelInitializationError
+from agent.models import tiny
+from agent.models.memory import GPUMemoryManager, dtype_bytes, graph_pool_bytes, prefill_transient_bytes, resolve_device, resolve_dtype
+from agent.models.tiny import model_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 class UnifiedModelManager:
     """Voxtral + Orpheus + SNAC on one device, with a memory check before each load."""
 
-    _instance: "UnifiedModelManager | None" = None
+    _instance: UnifiedModelManager | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -40,7 +42,7 @@ class UnifiedModelManager:
         self.memory_by_model: dict[str, float] = {}  # MiB allocated by each model (GPU)
 
     @classmethod
-    def shared(cls, settings: Settings) -> "UnifiedModelManager":
+    def shared(cls, settings: Settings) -> UnifiedModelManager:
         """The process's one manager, loaded on first use."""
         if cls._instance is None:
             cls._instance = cls(settings)
@@ -60,10 +62,9 @@ class UnifiedModelManager:
     def load(self, listen: bool = True) -> None:
         """Load the models, with progress on stderr (logging). `listen=False` loads only
         the speaking half (Orpheus and SNAC), for `voice-agent say`."""
-        from .orpheus import OrpheusDirectModel, SamplingParams
-        from .snac_codec import load_snac
-        from .tts import TTSServiceDirect
-        from .voxtral import VoxtralModel
+        from agent.models.orpheus import OrpheusDirectModel, SamplingParams
+        from agent.models.snac import load_snac
+        from agent.models.tts import TTSServiceDirect
 
         s = self.settings
         t0 = time.perf_counter()
@@ -73,7 +74,7 @@ class UnifiedModelManager:
             voxtral_source = resolve_source(s.voxtral.model, "voxtral")
             log.info("loading Voxtral from %s on %s (%s)...", voxtral_source, self.device, dtype_name)
             self.voxtral = self._measured("voxtral", lambda: self._with_fp32_fallback(
-                lambda dtype: VoxtralModel.load(voxtral_source, self.device, dtype, self.memory.check)))
+                lambda dtype: tiny.load_voxtral(voxtral_source, self.device, dtype, self.memory.check)))
             if s.engine.mode == "batched":
                 self.replies = self._reply_batcher(self.voxtral)
 
@@ -86,7 +87,7 @@ class UnifiedModelManager:
         orpheus_source = resolve_source(s.orpheus.model, "orpheus")
         log.info("loading Orpheus from %s on %s (%s)...", orpheus_source, self.device, dtype_name)
         orpheus = self._measured("orpheus", lambda: self._with_fp32_fallback(
-            lambda dtype: OrpheusDirectModel.load(orpheus_source, self.device, dtype, self.memory.check),
+            lambda dtype: tiny.load_orpheus(orpheus_source, self.device, dtype, self.memory.check),
             orpheus_runs))
         snac_source = resolve_source(s.snac.model, "snac")
         log.info("loading SNAC from %s...", snac_source)
@@ -98,7 +99,7 @@ class UnifiedModelManager:
 
     def _batcher(self, orpheus, snac):
         """The continuous-batching engine for speech, with its static KV cache."""
-        from .engine import SpeechBatcher
+        from agent.models.tts import SpeechBatcher
 
         e, snac_settings = self.settings.engine, self.settings.snac
         return self._engine(
@@ -108,7 +109,7 @@ class UnifiedModelManager:
 
     def _reply_batcher(self, voxtral):
         """Continuous batching of Voxtral's replies, with its static KV cache."""
-        from .voxtral import ReplyBatcher
+        from agent.models.voxtral import ReplyBatcher
 
         e = self.settings.engine
         return self._engine(
@@ -168,7 +169,7 @@ class UnifiedModelManager:
     async def next_reply_piece(self, stream) -> str | None:
         """The next piece of a reply from open_reply (None at its end): a BatchedReply is
         filled by the reply engine; a TextStream takes one device-thread step per piece."""
-        from .voxtral import BatchedReply
+        from agent.models.voxtral import BatchedReply
 
         if isinstance(stream, BatchedReply):
             return await stream.next_piece()
@@ -223,28 +224,15 @@ SNAC_BYTES = 20_000_000 * 4  # 19.8 M parameters, kept in float32
 
 
 def _voxtral_bytes(config, dtype: torch.dtype) -> int:
-    from .voxtral import estimate_voxtral_bytes
+    from agent.models.voxtral import estimate_voxtral_bytes
 
     return estimate_voxtral_bytes(config, dtype)
 
 
 def _llama_bytes(config, dtype: torch.dtype) -> int:
-    from .generation import estimate_llama_bytes
+    from agent.engine.generation import estimate_llama_bytes
 
     return estimate_llama_bytes(config, dtype)
-
-
-def model_config(source: str):
-    """A model's config without its weights: config.json, or the random profiles' own."""
-    from transformers import AutoConfig
-
-    from . import tiny
-
-    if source == tiny.RANDOM_VOXTRAL_MINI:
-        return tiny.voxtral_mini_config()
-    if source == tiny.RANDOM_ORPHEUS_3B:
-        return tiny.orpheus_3b_config()
-    return AutoConfig.from_pretrained(source)
 
 
 def _engine_parts(config, dtype: torch.dtype, device: torch.device, slots: int, max_len: int, prefill: int,
@@ -252,7 +240,7 @@ def _engine_parts(config, dtype: torch.dtype, device: torch.device, slots: int, 
     """A batcher's memory beyond the weights: its static KV cache, the transient of its
     largest prefill (`prefill` positions over the whole cache length) and, on CUDA with
     graphs on, the graphs' pool."""
-    from .engine import GRAPH_BATCH_SIZES, GRAPH_LENGTHS, GraphedDecode, StaticLlama
+    from agent.engine.llama import GRAPH_BATCH_SIZES, GRAPH_LENGTHS, GraphedDecode, StaticLlama
 
     parts = [(names[0], StaticLlama.cache_bytes(config, slots, max_len, dtype)),
              (names[1], prefill_transient_bytes(config, min(prefill, max_len), max_len, dtype))]
@@ -265,7 +253,7 @@ def _engine_parts(config, dtype: torch.dtype, device: torch.device, slots: int, 
 def speech_engine_parts(config, dtype: torch.dtype, settings: Settings, device: torch.device) -> list[tuple[str, int]]:
     """The speech engine: KV cache, a prefill chunk's transient, CUDA graphs, and its
     copy of the head's audio rows (28,673 of Orpheus's 156,940)."""
-    from .orpheus import AUDIO_IDS
+    from agent.models.orpheus import AUDIO_IDS
 
     e = settings.engine
     rows = AUDIO_IDS + 1  # the audio ids and end_of_speech
@@ -283,13 +271,3 @@ def reply_engine_parts(config, dtype: torch.dtype, settings: Settings, device: t
                          config.vocab_size, e.cuda_graphs,
                          ("reply KV cache (engine.reply_slots x engine.reply_max_seq_len)",
                           "reply whole-prompt prefill (engine.reply_max_seq_len)", "reply CUDA graphs"))
-
-
-def resolve_source(name: str, kind: str) -> str:
-    """"tiny" means the tiny profile's saved checkpoint; anything else is a Hub id or a path."""
-    if name != "tiny":
-        return name
-    from . import tiny
-
-    build = {"orpheus": tiny.tiny_orpheus_dir, "snac": tiny.tiny_snac_dir, "voxtral": tiny.tiny_voxtral_dir}
-    return str(build[kind]())

@@ -40,19 +40,29 @@ import re
 import socket
 import uuid
 from collections import Counter, deque
-from typing import Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+from agent.call.session import OUT_RATE, CallSession
 from agent.config import Settings
-from agent.models import UnifiedModelManager
-from agent.session import OUT_RATE, CallSession
-
-from .rtp import RtpSession
-from .sdp import Codec, NoCommonCodec, SdpError, answer_audio, parse_sdp
-from .slots import CallSlots
-from .sip_message import (SipMessage, SipParseError, UnsupportedUriScheme, UnsupportedVersion, canonical_name,
-                          make_response, parse_message, parse_name_addr, parse_uri, response_address,
-                          set_received_rport, split_top)
+from agent.models.manager import UnifiedModelManager
+from signaling.sip.message import (
+    SipMessage,
+    SipParseError,
+    UnsupportedUriScheme,
+    UnsupportedVersion,
+    canonical_name,
+    make_response,
+    parse_message,
+    parse_name_addr,
+    parse_uri,
+    response_address,
+    set_received_rport,
+    split_top,
+)
+from signaling.sip.rtp import RtpSession
+from signaling.sip.sdp import Codec, NoCommonCodec, SdpError, answer_audio, parse_sdp
+from signaling.slots import CallSlots
 
 log = logging.getLogger(__name__)
 T1, T2 = 0.5, 4.0  # RFC 3261 timers: resends at T1, 2 T1, 4 T1... (capped at T2 but for the INVITE)
@@ -408,7 +418,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
             try:
                 await asyncio.wait_for(acked.wait(), min(interval, left))
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 interval = min(2 * interval, T2)
                 if deadline - loop.time() > 0:
                     self.transport.sendto(data, to)
@@ -471,7 +481,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
                 while (left := resend_at - loop.time()) > 0:
                     try:
                         answer = await asyncio.wait_for(answers.get(), left)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                     if answer.status >= 200:
                         return answer

@@ -10,14 +10,22 @@ plainly: one prefill, then one forward per token with the KV cache.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from .errors import ModelInitializationError
-from .generation import (CachedGeneration, InProcessModel, draw_uniforms, estimate_llama_bytes, load_failure,
-                         row_values, sample_rows)
+from agent.engine.generation import (
+    CachedGeneration,
+    InProcessModel,
+    draw_uniforms,
+    estimate_llama_bytes,
+    load_failure,
+    row_values,
+    sample_rows,
+)
+from agent.errors import ModelInitializationError
+from agent.models.snac import FRAME_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +39,6 @@ END_OF_HUMAN = 128260
 START_OF_AI = 128261
 AUDIO_BASE = 128266  # <custom_token_10>: code 0 of slot 0
 CODEBOOK_SIZE = 4096
-FRAME_TOKENS = 7
 VOCAB_SIZE = 156940
 
 EMOTIVE_TAGS = ("<laugh>", "<chuckle>", "<sigh>", "<cough>", "<sniffle>", "<groan>", "<yawn>", "<gasp>")
@@ -88,6 +95,7 @@ def tokens_to_frames(token_ids: Sequence[int]) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How Orpheus samples one reply's audio tokens."""
     temperature: float = 0.6
     top_p: float = 0.8
     repetition_penalty: float = 1.1
@@ -174,7 +182,7 @@ class TokenStream(CachedGeneration):
     is how a cancelled request gives its memory back.
     """
 
-    def __init__(self, model: "OrpheusDirectModel", prompt_ids: Sequence[int], params: SamplingParams,
+    def __init__(self, model: OrpheusDirectModel, prompt_ids: Sequence[int], params: SamplingParams,
                  seed: int) -> None:
         super().__init__(torch.tensor([list(prompt_ids)], device=model.device))
         self.model = model
@@ -214,31 +222,30 @@ class OrpheusDirectModel(InProcessModel):
 
     @classmethod
     def load(cls, source: str, device: torch.device, dtype: torch.dtype,
-             check_memory: Callable[[str, int], None] | None = None) -> "OrpheusDirectModel":
+             check_memory: Callable[[str, int], None] | None = None) -> OrpheusDirectModel:
         """Load from a Hub id or a local directory. `check_memory(name, bytes)` may refuse."""
         from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-        from . import tiny
-        from .memory import placement
+        from agent.models.memory import placement
 
         try:
-            random_3b = source == tiny.RANDOM_ORPHEUS_3B
-            config = tiny.orpheus_3b_config() if random_3b else AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source)
             if check_memory is not None:
                 check_memory(f"Orpheus ({source})", estimate_llama_bytes(config, dtype))
-            if random_3b:  # the real architecture with random weights: benchmarks, no download
-                tokenizer = tiny.build_orpheus_tokenizer()
-                model = tiny.random_llama(config, device, dtype)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(source)
-                model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, **placement(device))
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, **placement(device))
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...
             raise load_failure("Orpheus", source, e) from e
-        if getattr(config, "vocab_size", 0) < VOCAB_SIZE:
+        return cls.ready(model, tokenizer, source, device)
+
+    @classmethod
+    def ready(cls, model: torch.nn.Module, tokenizer, source: str, device: torch.device) -> OrpheusDirectModel:
+        """A loaded (or built) Orpheus, checked and on its device."""
+        if getattr(model.config, "vocab_size", 0) < VOCAB_SIZE:
             raise ModelInitializationError(
-                f"model {source!r} has vocab_size {config.vocab_size}, not Orpheus's {VOCAB_SIZE}")
+                f"model {source!r} has vocab_size {model.config.vocab_size}, not Orpheus's {VOCAB_SIZE}")
         model.to(device).eval()
         return cls(model, tokenizer, source)
 

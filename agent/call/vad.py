@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import webrtcvad
 
-from .config import VADSettings
+from agent.config import VADSettings
 
 RATE = 16000
 START_RATIO = 0.8  # share of voiced frames in the start window
@@ -52,7 +52,7 @@ class SpeechDiscarded:
 
 VADEvent = SpeechStarted | Utterance | SpeechDiscarded
 # A per-frame stage before the decision: (frame) -> (the frame to use, whether it may be
-# speech at all). The echo guard (agent/echo.py) is one.
+# speech at all). The echo guard (agent/call/echo.py) is one.
 FrameFilter = Callable[[np.ndarray], tuple[np.ndarray, bool]]
 
 

@@ -4,11 +4,12 @@ weight-size estimates and error messages."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from .errors import ModelInitializationError
+from agent.errors import ModelInitializationError
 
 
 def sample_rows(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,

@@ -36,6 +36,7 @@ class NoCommonCodec(SdpError):
 
 @dataclass
 class Origin:
+    """An SDP o= line."""
     username: str
     session_id: int
     session_version: int
@@ -66,6 +67,7 @@ class MediaDescription:
 
 @dataclass
 class SessionDescription:
+    """A parsed SDP body: its origin, connection and media sections."""
     origin: Origin
     session_name: str
     connection: str | None

@@ -7,7 +7,7 @@ fills in. Two modes: understanding (a chat; the reply is the agent's answer) and
 transcription. Two ways to decode a reply: `TextStream`, one generation with
 transformers' dynamic cache (one prefill with the audio features, then one forward per
 token), and `ReplyBatcher`, which decodes the replies of every call together on the
-engine's static cache (agent/engine.py); a reply gets the same tokens either way.
+engine's static cache (agent/engine/llama.py); a reply gets the same tokens either way.
 """
 
 from __future__ import annotations
@@ -19,16 +19,25 @@ import io
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .engine import SlotBatcher, SlotStream, StaticLlama
-from .errors import InputError, ModelInitializationError
-from .generation import (CachedGeneration, InProcessModel, estimate_llama_bytes, first_line, load_failure,
-                         sample_choices, sample_index)
+from agent.engine.batching import SlotBatcher, SlotStream
+from agent.engine.generation import (
+    CachedGeneration,
+    InProcessModel,
+    estimate_llama_bytes,
+    first_line,
+    load_failure,
+    sample_choices,
+    sample_index,
+)
+from agent.engine.llama import StaticLlama
+from agent.errors import InputError, ModelInitializationError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ class TurnAudio:
 
 @dataclass(frozen=True)
 class ChatTurn:
+    """One turn of the conversation as Voxtral's prompt takes it."""
     role: str  # "user" or "assistant"
     # User turns: float32 mono 16 kHz in [-1, 1], or a TurnAudio that keeps its encoding.
     audio: np.ndarray | TurnAudio | None = None
@@ -84,6 +94,7 @@ class ReplyPrompt:
 
 @dataclass(frozen=True)
 class ReplyParams:
+    """How Voxtral samples one reply's text."""
     temperature: float = 0.2
     top_p: float = 0.95
     max_new_tokens: int = 200
@@ -95,7 +106,7 @@ class TextStream(CachedGeneration):
     None when finished. close() frees the KV cache at once, from any thread.
     """
 
-    def __init__(self, model: "VoxtralModel", prefill: dict[str, torch.Tensor], prompt_ids: list[int],
+    def __init__(self, model: VoxtralModel, prefill: dict[str, torch.Tensor], prompt_ids: list[int],
                  params: ReplyParams, seed: int) -> None:
         # Prefill input: the prompt's embeddings (a reply), or its ids and mel features.
         super().__init__(prefill)
@@ -153,30 +164,29 @@ class VoxtralModel(InProcessModel):
 
     @classmethod
     def load(cls, source: str, device: torch.device, dtype: torch.dtype,
-             check_memory: Callable[[str, int], None] | None = None) -> "VoxtralModel":
+             check_memory: Callable[[str, int], None] | None = None) -> VoxtralModel:
         """Load from a Hub id or a local directory. `check_memory(name, bytes)` may refuse."""
         from transformers import AutoConfig, VoxtralForConditionalGeneration, VoxtralProcessor
 
-        from . import tiny
-        from .memory import placement
+        from agent.models.memory import placement
 
         try:
-            random_mini = source == tiny.RANDOM_VOXTRAL_MINI
-            config = tiny.voxtral_mini_config() if random_mini else AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source)
             if config.model_type != "voxtral":
                 raise ValueError(f"model type is {config.model_type!r}, not 'voxtral'")
             if check_memory is not None:
                 check_memory(f"Voxtral ({source})", estimate_voxtral_bytes(config, dtype))
-            if random_mini:  # the real architecture with random weights: benchmarks, no download
-                processor = VoxtralProcessor.from_pretrained(str(tiny.tiny_voxtral_dir()))  # the real Tekken
-                model = tiny.random_voxtral(config, device, dtype)
-            else:
-                processor = VoxtralProcessor.from_pretrained(source)
-                model = VoxtralForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement(device))
+            processor = VoxtralProcessor.from_pretrained(source)
+            model = VoxtralForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement(device))
         except ModelInitializationError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, HF errors...
             raise load_failure("Voxtral", source, e) from e
+        return cls.ready(model, processor, source, device)
+
+    @classmethod
+    def ready(cls, model: torch.nn.Module, processor, source: str, device: torch.device) -> VoxtralModel:
+        """A loaded (or built) Voxtral on its device."""
         model.to(device).eval()
         return cls(model, processor, source)
 
@@ -337,7 +347,7 @@ class ReplyBatcher(SlotBatcher):
     prefill starts (remembered turns keep their encoding); the prompt is then fed whole
     (`whole_prompts`)."""
 
-    def __init__(self, voxtral: "VoxtralModel", slots: int, max_seq_len: int, prefill_chunk: int,
+    def __init__(self, voxtral: VoxtralModel, slots: int, max_seq_len: int, prefill_chunk: int,
                  cuda_graphs: bool) -> None:
         m = voxtral.model
         super().__init__(StaticLlama(m.model.language_model, m.lm_head.weight, slots, max_seq_len),

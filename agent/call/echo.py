@@ -33,8 +33,8 @@ import math
 
 import numpy as np
 
-from .audio import Resampler
-from .config import EchoSettings
+from agent.audio import Resampler
+from agent.config import EchoSettings
 
 log = logging.getLogger(__name__)
 

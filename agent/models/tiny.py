@@ -12,12 +12,16 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .orpheus import BOS, END_OF_SPEECH, VOCAB_SIZE
-from .snac_codec import SNAC_24KHZ_CONFIG
+from agent.engine.generation import estimate_llama_bytes, load_failure
+from agent.errors import ModelInitializationError
+from agent.models.orpheus import BOS, END_OF_SPEECH, VOCAB_SIZE, OrpheusDirectModel
+from agent.models.snac import SNAC_24KHZ_CONFIG
+from agent.models.voxtral import VoxtralModel, estimate_voxtral_bytes
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +269,7 @@ def random_voxtral(config, device: torch.device, dtype: torch.dtype):
 
 
 def _save_tiny_voxtral(path: Path) -> None:
-    from transformers import (MistralCommonBackend, VoxtralForConditionalGeneration, VoxtralProcessor,
-                              WhisperFeatureExtractor)
+    from transformers import MistralCommonBackend, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
 
     tokenizer = MistralCommonBackend(tokenizer_path=write_voxtral_tekken(path / "tekken.json"))
     # Voxtral's preprocessor_config.json: 128 mel bins, 30 s windows.
@@ -275,3 +278,68 @@ def _save_tiny_voxtral(path: Path) -> None:
     VoxtralProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(path)
     torch.manual_seed(WEIGHTS_SEED)
     VoxtralForConditionalGeneration(tiny_voxtral_config(len(tokenizer))).save_pretrained(path)
+
+
+# -- resolving the built-in sources -------------------------------------------------------
+# "tiny" and "random:..." name models this module builds; anything else is a Hub id or a
+# directory, loaded by the model's own loader, which knows nothing of these.
+
+def resolve_source(name: str, kind: str) -> str:
+    """"tiny" means the tiny profile's saved checkpoint (built on first use); anything
+    else is a Hub id, a path or a random: source, returned as it is."""
+    if name != "tiny":
+        return name
+    build = {"orpheus": tiny_orpheus_dir, "snac": tiny_snac_dir, "voxtral": tiny_voxtral_dir}
+    return str(build[kind]())
+
+
+def model_config(source: str):
+    """A model's config without its weights: config.json, or the random profiles' own."""
+    from transformers import AutoConfig
+
+    if source == RANDOM_VOXTRAL_MINI:
+        return voxtral_mini_config()
+    if source == RANDOM_ORPHEUS_3B:
+        return orpheus_3b_config()
+    return AutoConfig.from_pretrained(source)
+
+
+def load_orpheus(source: str, device: torch.device, dtype: torch.dtype,
+                 check_memory: Callable[[str, int], None] | None = None) -> OrpheusDirectModel:
+    """Orpheus from `source`: random:orpheus-3b is built here (the real architecture with
+    random weights: benchmarks, no download); anything else is OrpheusDirectModel.load's."""
+    if source != RANDOM_ORPHEUS_3B:
+        return OrpheusDirectModel.load(source, device, dtype, check_memory)
+    try:
+        config = orpheus_3b_config()
+        if check_memory is not None:
+            check_memory(f"Orpheus ({source})", estimate_llama_bytes(config, dtype))
+        tokenizer, model = build_orpheus_tokenizer(), random_llama(config, device, dtype)
+    except ModelInitializationError:
+        raise
+    except Exception as e:
+        raise load_failure("Orpheus", source, e) from e
+    return OrpheusDirectModel.ready(model, tokenizer, source, device)
+
+
+def load_voxtral(source: str, device: torch.device, dtype: torch.dtype,
+                 check_memory: Callable[[str, int], None] | None = None) -> VoxtralModel:
+    """Voxtral from `source`: random:voxtral-mini is built here (Voxtral Mini's
+    architecture with random weights, and the real Tekken); anything else is
+    VoxtralModel.load's."""
+    if source != RANDOM_VOXTRAL_MINI:
+        return VoxtralModel.load(source, device, dtype, check_memory)
+    from transformers import VoxtralProcessor
+
+    try:
+        config = voxtral_mini_config()
+        if check_memory is not None:
+            check_memory(f"Voxtral ({source})", estimate_voxtral_bytes(config, dtype))
+        processor = VoxtralProcessor.from_pretrained(str(tiny_voxtral_dir()))
+        model = random_voxtral(config, device, dtype)
+    except ModelInitializationError:
+        raise
+    except Exception as e:
+        raise load_failure("Voxtral", source, e) from e
+    return VoxtralModel.ready(model, processor, source, device)
+

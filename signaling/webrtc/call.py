@@ -16,7 +16,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import Any, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import av
 import numpy as np
@@ -26,10 +27,11 @@ from aiortc.exceptions import InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcpeerconnection import find_common_codecs
 
+from agent.call.events import AgentInterrupted, AgentReplyText, CallerSpeechStarted, CallerSpeechStopped, TurnFailed, TurnFinished
+from agent.call.outbound import OutboundAudio
+from agent.call.session import OUT_RATE, CallSession
 from agent.config import Settings
-from agent.models import UnifiedModelManager
-from agent.session import (OUT_RATE, AgentInterrupted, AgentReplyText, CallerSpeechStarted,
-                           CallerSpeechStopped, CallSession, OutboundAudio, TurnFailed, TurnFinished)
+from agent.models.manager import UnifiedModelManager
 
 log = logging.getLogger(__name__)
 RESET_AFTER_S = 0.1  # a recv() this late means the sender paused: restart the clock, don't burst
@@ -190,8 +192,8 @@ class WebRTCCall:
     "connection_failed", "connection_closed", "audio_ended", "task_failed"."""
 
     def __init__(self, models: UnifiedModelManager, settings: Settings, voice: str | None,
-                 on_event: Callable[["WebRTCCall", Any], None] | None = None,
-                 on_closed: Callable[["WebRTCCall"], None] | None = None) -> None:
+                 on_event: Callable[[WebRTCCall, Any], None] | None = None,
+                 on_closed: Callable[[WebRTCCall], None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.models = models
         self.settings = settings
@@ -306,7 +308,7 @@ class WebRTCCall:
         server = self.settings.server
         try:
             await asyncio.wait_for(self._connected.wait(), server.connect_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("call %s: not connected within %.0f s (%s); closing", self.id,
                         server.connect_timeout_s, self._failure_cause())
             await self.close("connect_timeout")

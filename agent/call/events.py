@@ -1,0 +1,124 @@
+"""What a call's session tells its transport, one way: the session events (in the order
+they happen), and the record of each turn (its reply, what of it was heard, its latencies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CallerSpeechStarted:
+    """The caller started speaking (the VAD heard speech)."""
+    t: float
+
+
+@dataclass(frozen=True)
+class CallerSpeechStopped:
+    """The caller's utterance ended; a reply to it starts."""
+    t: float
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class AgentReplyText:
+    """A piece of the agent's reply text, as it is generated."""
+    turn: int
+    text: str  # a clause or sentence handed to TTS
+
+
+@dataclass(frozen=True)
+class AgentInterrupted:
+    """The caller barged in: the agent's reply was cut where it was heard."""
+    turn: int
+    played_text: str
+    dropped_frames: int
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    """A turn is over; its record has the reply as heard and its latencies."""
+    turn: TurnRecord
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    """A turn's reply failed; the call goes on."""
+    turn: int
+    error: str
+
+
+@dataclass(frozen=True)
+class DtmfReceived:
+    """The caller pressed a key (RFC 4733 telephone-event)."""
+    digit: str  # 0-9, *, #, A-D
+    t: float
+
+
+SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | TurnFinished
+                | TurnFailed | DtmfReceived)
+
+
+# -- turns -------------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    """One spoken piece of a reply, and how much of its audio was made and played."""
+    text: str
+    produced: int = 0  # samples made by TTS
+    played: int = 0  # samples taken by the player
+
+
+@dataclass
+class TurnRecord:
+    """One caller utterance and the agent's reply to it."""
+    index: int
+    start: float  # caller's utterance, session seconds
+    end: float  # end of the last voiced frame
+    decided_at: float
+    segments: list[Segment] = field(default_factory=list)
+    reply_text: str = ""
+    interrupted: bool = False
+    played_text: str | None = None  # set once known: the whole reply, or what was heard
+    error: str | None = None
+    # Session-clock times of the stages, and device time used, for the latency breakdown.
+    t_decision: float = 0.0
+    t_first_token: float | None = None
+    t_first_tts_audio: float | None = None
+    t_first_frame: float | None = None
+    agent_start: float | None = None  # first and last frame taken by the player
+    agent_end: float | None = None
+    busy_at_decision: float = 0.0
+    busy_at_first_frame: float | None = None
+
+    def latency_ms(self) -> dict[str, float | None]:
+        """From the end of the caller's speech (the last voiced frame) to each stage."""
+        ms = lambda t: None if t is None else round((t - self.end) * 1000, 1)  # noqa: E731
+        overhead = None
+        if self.t_first_frame is not None and self.busy_at_first_frame is not None:
+            span = self.t_first_frame - self.t_decision
+            overhead = round((span - (self.busy_at_first_frame - self.busy_at_decision)) * 1000, 2)
+        return {"vad": ms(self.t_decision), "first_token": ms(self.t_first_token),
+                "first_tts_audio": ms(self.t_first_tts_audio), "first_frame_queued": ms(self.t_first_frame),
+                "pipeline_overhead": overhead}
+
+    def heard_text(self) -> str:
+        """The reply as far as the caller heard it (word-level, by the share of audio played)."""
+        words: list[str] = []
+        for seg in self.segments:
+            if seg.produced == 0 or seg.played == 0:
+                break
+            seg_words = seg.text.split()
+            share = min(1.0, seg.played / seg.produced)
+            words.extend(seg_words[:round(share * len(seg_words))])
+            if share < 1.0:
+                break
+        return " ".join(words)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = lambda t: None if t is None else round(t, 3)  # noqa: E731
+        return {"index": self.index, "start": r(self.start), "end": r(self.end),
+                "reply": self.played_text if self.played_text is not None else self.reply_text,
+                "generated": self.reply_text, "interrupted": self.interrupted, "error": self.error,
+                "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
+                "latency_ms": self.latency_ms()}
