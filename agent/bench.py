@@ -79,35 +79,6 @@ def bench_snac(snac, seconds: float = 10.0, token_rate: float = 150.0, max_frame
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
 
-def bench_pipeline(settings, input_path: str | None = None) -> dict:
-    """A headless call on the given profile; per turn, the pipeline's own time from the VAD
-    decision to the first audio frame queued, minus the time the models ran in between."""
-    from agent.audio import read_audio
-    from agent.call.session import OUT_RATE
-    from agent.call.vad import RATE as IN_RATE
-    from agent.models.manager import UnifiedModelManager
-    from agent.models.monitor import summarize_turns
-    from signaling.headless import run_call
-
-    if input_path is None:
-        gap = np.zeros(int(IN_RATE * 4.0), dtype=np.int16)
-        parts = [read_audio(FIXTURES / name, IN_RATE) for name in ("question1.wav", "question2.wav")]
-        caller = np.concatenate([gap[:IN_RATE], parts[0], gap, parts[1], gap])
-        caller_24k = np.zeros(0, dtype=np.int16)
-    else:
-        caller, caller_24k = read_audio(input_path, IN_RATE), read_audio(input_path, OUT_RATE)
-    models = UnifiedModelManager(settings)
-    try:
-        models.load()
-        result = asyncio.run(run_call(models, caller, caller_24k, settings, seed=0))
-    finally:
-        models.unload()
-    latencies = [t.latency_ms() for t in result.turns]
-    return {"profile": settings.profile, "device": str(models.device), "torch": torch.__version__,
-            "turns": len(result.turns), "latency_ms": summarize_turns(latencies),
-            "per_turn_ms": latencies}
-
-
 # -- the speech engine (voice-agent bench tts | streams) -----------------------------------
 
 REAL_TIME_TOKENS_PER_S = 24000 / FRAME_SAMPLES * 7  # 82.0: one frame per 85.3 ms

@@ -333,7 +333,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.bench import bench_pipeline
+    from signaling.bench import bench_pipeline
 
     print(json.dumps(bench_pipeline(settings, args.input)) if args.json else bench_pipeline(settings, args.input))
     return 0

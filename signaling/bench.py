@@ -1,5 +1,6 @@
-"""`voice-agent bench webrtc`: outbound pacing, reply latency and call capacity over
-loopback WebRTC, with real aiortc peers."""
+"""The call benchmarks: `voice-agent bench pipeline` (a headless call's own overhead per
+turn), `bench webrtc` (outbound pacing, reply latency and calls at once over loopback
+WebRTC, with real aiortc peers) and `bench sip` (one loopback phone call)."""
 
 from __future__ import annotations
 
@@ -131,3 +132,35 @@ async def bench_sip(models: UnifiedModelManager, settings: Settings, speech_8k: 
         await phone.hang_up()
         await server.close()
     return result
+
+
+def bench_pipeline(settings, input_path: str | None = None) -> dict:
+    """A headless call on the given profile; per turn, the pipeline's own time from the VAD
+    decision to the first audio frame queued, minus the time the models ran in between."""
+    import torch
+
+    from agent.audio import read_audio
+    from agent.bench import FIXTURES
+    from agent.call.session import OUT_RATE
+    from agent.call.vad import RATE as IN_RATE
+    from agent.models.monitor import summarize_turns
+
+    from .headless import run_call
+
+    if input_path is None:
+        gap = np.zeros(int(IN_RATE * 4.0), dtype=np.int16)
+        parts = [read_audio(FIXTURES / name, IN_RATE) for name in ("question1.wav", "question2.wav")]
+        caller = np.concatenate([gap[:IN_RATE], parts[0], gap, parts[1], gap])
+        caller_24k = np.zeros(0, dtype=np.int16)
+    else:
+        caller, caller_24k = read_audio(input_path, IN_RATE), read_audio(input_path, OUT_RATE)
+    models = UnifiedModelManager(settings)
+    try:
+        models.load()
+        result = asyncio.run(run_call(models, caller, caller_24k, settings, seed=0))
+    finally:
+        models.unload()
+    latencies = [t.latency_ms() for t in result.turns]
+    return {"profile": settings.profile, "device": str(models.device), "torch": torch.__version__,
+            "turns": len(result.turns), "latency_ms": summarize_turns(latencies),
+            "per_turn_ms": latencies}

@@ -182,3 +182,15 @@ def test_bench_soak_sip_json():
 def test_bench_soak_refuses_too_few_calls():
     p = run("bench", "soak", "--profile", "tiny", "--calls", "1")
     assert p.returncode == 2 and b"--calls must be at least 2" in p.stderr
+
+
+def test_bench_pipeline_json():
+    """A headless call of the two fixture questions: each turn's stages, and the time
+    outside the models from the VAD decision to the first frame queued."""
+    p = run("bench", "pipeline", "--profile", "tiny", "--json")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    result = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    assert result["turns"] == 2 and len(result["per_turn_ms"]) == 2
+    for turn in result["per_turn_ms"]:
+        assert 0 < turn["vad"] <= turn["first_token"] <= turn["first_frame_queued"]
+        assert turn["pipeline_overhead"] is not None and turn["pipeline_overhead"] >= 0
