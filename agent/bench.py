@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from agent.engine.batching import StepProfile
-from agent.models.snac import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE, StreamingSNACDecoder, decode_frames, rel_l2
+from agent.models.snac import FRAME_S, FRAME_SAMPLES, StreamingSNACDecoder, decode_frames, rel_l2
+from agent.rates import IN_RATE, OUT_RATE
 
 
 class SimulatedClock:
@@ -62,7 +63,7 @@ def bench_snac(snac, seconds: float = 10.0, token_rate: float = 150.0, max_frame
         if audio is not None:
             out[start * FRAME_SAMPLES:start * FRAME_SAMPLES + len(audio)] = audio
             chunk_frames.append(len(audio) // FRAME_SAMPLES)
-        emitted_s = decoder.emitted_samples / SAMPLE_RATE
+        emitted_s = decoder.emitted_samples / OUT_RATE
         result[mode] = {
             "ms_per_audio_s": round(decoder.decode_s * 1000 / emitted_s, 2),
             "first_audio_after_tokens": decoder.first_audio_after_tokens,
@@ -81,7 +82,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
 # -- the speech engine (voice-agent bench tts | streams) -----------------------------------
 
-REAL_TIME_TOKENS_PER_S = 24000 / FRAME_SAMPLES * 7  # 82.0: one frame per 85.3 ms
+REAL_TIME_TOKENS_PER_S = OUT_RATE / FRAME_SAMPLES * 7  # 82.0: one frame per 85.3 ms
 BENCH_TEXT = "Thanks for calling! How can I help you today? I can check an order, or book a visit."
 
 
@@ -313,7 +314,7 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
     settings = settings.replace("engine", reply_slots=levels[-1])
     models = UnifiedModelManager(settings)
     models.load()
-    t = np.arange(32000) / 16000
+    t = np.arange(2 * IN_RATE) / IN_RATE
     audio = (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
     params = ReplyParams(settings.voxtral.temperature, settings.voxtral.top_p, tokens)
 
@@ -325,10 +326,10 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
             prompt = await asyncio.to_thread(models.voxtral.reply_prompt, audio, [], "")
             stream = await device.run(models.open_reply, prompt, params, seed, asyncio.get_running_loop())
         else:
-            stream = await device.run(models.voxtral.reply_stream, audio, [], "", params, seed)
+            stream = await device.run(lambda: models.voxtral.reply_stream(audio, [], "", params, seed, device_thread=device))
         times = []
         try:
-            while await models.next_reply_piece(stream) is not None:
+            while await stream.next_piece() is not None:
                 times.append(time.perf_counter())
         finally:
             stream.close()
@@ -356,9 +357,9 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
             stream = await device.run(
                 lambda: models.open_reply(models.voxtral.reply_prompt(audio, fresh, ""), params, seed, loop))
         try:
-            await models.next_reply_piece(stream)
+            await stream.next_piece()
             first = time.perf_counter() - t0
-            while await models.next_reply_piece(stream) is not None:
+            while await stream.next_piece() is not None:
                 pass
         finally:
             stream.close()

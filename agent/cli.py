@@ -14,14 +14,35 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from agent.config import Settings, load_settings
 from agent.errors import ConfigError, InputError, VoiceAgentError
 
+if TYPE_CHECKING:
+    from agent.call.factory import SessionFactory
+
 log = logging.getLogger("voice-agent")
+
+
+@contextmanager
+def loaded_sessions(settings: Settings) -> Iterator[SessionFactory]:
+    """The models loaded (progress on stderr), as the transports see them: a SessionFactory.
+    Unloaded at the end."""
+    from agent.call.factory import SessionFactory
+    from agent.models.manager import UnifiedModelManager
+
+    models = UnifiedModelManager(settings)
+    try:
+        models.load()
+        yield SessionFactory(models)
+    finally:
+        models.unload()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,11 +215,11 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
         models.unload()
     if not to_stdout:
         from agent.audio import write_wav
-        from agent.models.snac import SAMPLE_RATE
+        from agent.rates import OUT_RATE
 
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
-        write_wav(args.output, audio, SAMPLE_RATE)
-        log.info("wrote %.2f s of audio to %s", len(audio) / SAMPLE_RATE, args.output)
+        write_wav(args.output, audio, OUT_RATE)
+        log.info("wrote %.2f s of audio to %s", len(audio) / OUT_RATE, args.output)
     if args.json:
         print(json.dumps(metrics.to_dict()))
     return 0
@@ -220,10 +241,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from contextlib import nullcontext
 
     from agent.audio import WavWriter, read_audio
-    from agent.call.session import OUT_RATE
-    from agent.call.vad import RATE as IN_RATE
-    from agent.models.manager import UnifiedModelManager
     from agent.models.monitor import summarize_turns
+    from agent.rates import IN_RATE, OUT_RATE
     from signaling.headless import run_call
 
     # Bad input fails before the models load.
@@ -237,15 +256,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-    models = UnifiedModelManager(settings)
-    try:
-        models.load()
+    with loaded_sessions(settings) as sessions:
         # The recording is written as the call goes, not held in memory to the end.
         with WavWriter(args.output, OUT_RATE, 2) if args.output else nullcontext() as recording:
-            result = asyncio.run(run_call(models, caller_16k, caller_24k, settings, args.realtime, args.seed,
+            result = asyncio.run(run_call(sessions, caller_16k, caller_24k, settings, args.realtime, args.seed,
                                           recording))
-    finally:
-        models.unload()
     if recording is not None:
         log.info("wrote the call (%.1f s, left caller, right agent) to %s", recording.frames / OUT_RATE, args.output)
     turns = [t.to_dict() for t in result.turns]
@@ -263,6 +278,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.call.factory import SessionFactory
+    from agent.models.manager import UnifiedModelManager
     from signaling.server import serve
 
     host = args.host or settings.server.host
@@ -273,12 +290,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if not 0 <= sip_port < 65536:
         raise InputError(f"--sip-port must be between 0 (off) and 65535, got {sip_port}")
     _preflight(settings)
-    serve(settings, host, port, sip_port)
+    models = UnifiedModelManager(settings)  # loaded by serve() while the page already answers
+    try:
+        serve(SessionFactory(models), models.load, settings, host, port, sip_port)
+    finally:
+        models.unload()
     return 0
 
 
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.models.manager import UnifiedModelManager
     from signaling.sip.client import call_out, check_local_host, local_address_for, parse_target
 
     # Bad input fails before the models load.
@@ -295,15 +315,11 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await call_out(models, settings, uri, peer, local_host, voice=args.voice, max_seconds=args.max_seconds,
+        await call_out(sessions, settings, uri, peer, local_host, voice=args.voice, max_seconds=args.max_seconds,
                        stop=stop, say=lambda line: print(line, flush=True))
 
-    models = UnifiedModelManager(settings)
-    try:
-        models.load()
+    with loaded_sessions(settings) as sessions:
         asyncio.run(run())
-    finally:
-        models.unload()
     return 0
 
 
@@ -335,7 +351,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
     from signaling.bench import bench_pipeline
 
-    print(json.dumps(bench_pipeline(settings, args.input)) if args.json else bench_pipeline(settings, args.input))
+    with loaded_sessions(settings) as sessions:
+        result = bench_pipeline(sessions, settings, args.input)
+    print(json.dumps(result) if args.json else result)
     return 0
 
 
@@ -376,11 +394,12 @@ def _levels(args: argparse.Namespace) -> list[int] | None:
 
 def cmd_bench_webrtc(args: argparse.Namespace, settings: Settings) -> int:
     from signaling.bench import bench_webrtc
+    from signaling.webrtc.loopback import CALLER_RATE
 
     if args.turns < 1 or args.max_calls < 1:
         raise InputError("--turns and --max-calls must be at least 1")
-    return _bench_call(args, settings, 16000, lambda models, speech: bench_webrtc(
-        models, settings, speech, args.turns, max_level=args.max_calls))
+    return _bench_call(args, settings, CALLER_RATE, lambda sessions, speech: bench_webrtc(
+        sessions, settings, speech, args.turns, max_level=args.max_calls))
 
 
 def cmd_bench_sip(args: argparse.Namespace, settings: Settings) -> int:
@@ -388,13 +407,14 @@ def cmd_bench_sip(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.turns < 1:
         raise InputError("--turns must be at least 1")
-    return _bench_call(args, settings, 8000, lambda models, speech: bench_sip(models, settings, speech, args.turns))
+    return _bench_call(args, settings, 8000, lambda sessions, speech: bench_sip(sessions, settings, speech, args.turns))
 
 
 def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
     from agent.audio import read_audio
     from agent.bench import FIXTURES
     from signaling.soak import bench_soak
+    from signaling.webrtc.loopback import CALLER_RATE
 
     warmup = args.warmup if args.warmup is not None else max(5, args.calls // 5)
     if args.calls < 2 or not 0 <= warmup <= args.calls - 2:
@@ -407,7 +427,7 @@ def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
         print(f"call {sample['call']}/{args.calls}: {sample['rss_mib']:.1f} MiB, {sample['threads']} threads, "
               f"{sample['fds']} fds", file=sys.stderr, flush=True)
 
-    result = asyncio.run(bench_soak(server_args, args.transport, args.calls, warmup, read_audio(question, 16000),
+    result = asyncio.run(bench_soak(server_args, args.transport, args.calls, warmup, read_audio(question, CALLER_RATE),
                                     read_audio(question, 8000), progress))
     result.update(profile=settings.profile)
     print(json.dumps(result) if args.json else {k: v for k, v in result.items() if k != "samples"})
@@ -415,20 +435,15 @@ def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bench_call(args: argparse.Namespace, settings: Settings, rate: int, bench) -> int:
-    """Load the models, run `bench(models, speech)` (a coroutine) with the two fixture
+    """Load the models, run `bench(sessions, speech)` (a coroutine) with the two fixture
     questions at `rate` Hz as the caller's speech, and print its result."""
     from agent.audio import read_audio
     from agent.bench import FIXTURES
-    from agent.models.manager import UnifiedModelManager
 
     speech = [read_audio(FIXTURES / name, rate) for name in ("question1.wav", "question2.wav")]
-    models = UnifiedModelManager(settings)
-    try:
-        models.load()
-        result = asyncio.run(bench(models, speech))
-    finally:
-        models.unload()
-    result.update(profile=settings.profile, device=str(models.device))
+    with loaded_sessions(settings) as sessions:
+        result = asyncio.run(bench(sessions, speech))
+    result.update(profile=settings.profile, device=sessions.device)
     print(json.dumps(result) if args.json else result)
     return 0
 

@@ -12,8 +12,8 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
+from agent.call.factory import SessionFactory
 from agent.config import Settings
-from agent.models.manager import UnifiedModelManager
 from signaling.server import CALLS, create_app
 from signaling.webrtc.loopback import Caller
 
@@ -30,10 +30,10 @@ def pct(values, q) -> float | None:
     return round(float(np.percentile(values, q)), 3) if len(values) else None
 
 
-async def bench_webrtc(models: UnifiedModelManager, settings: Settings, speech: list[np.ndarray],
+async def bench_webrtc(sessions: SessionFactory, settings: Settings, speech: list[np.ndarray],
                        turns: int = 4, level_s: float = 4.0, max_level: int = 64) -> dict:
     settings = settings.replace("server", max_calls=max_level + 1)
-    runner = web.AppRunner(create_app(models, settings))
+    runner = web.AppRunner(create_app(sessions, settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -94,7 +94,7 @@ async def bench_webrtc(models: UnifiedModelManager, settings: Settings, speech: 
     return result
 
 
-async def bench_sip(models: UnifiedModelManager, settings: Settings, speech_8k: list[np.ndarray],
+async def bench_sip(sessions: SessionFactory, settings: Settings, speech_8k: list[np.ndarray],
                     turns: int = 4) -> dict:
     """One SIP call over loopback: a phone (LoopbackPhone, sending continuous PCMU as
     phones do) asks `turns` questions. Reports end of caller speech -> first voiced reply
@@ -102,7 +102,7 @@ async def bench_sip(models: UnifiedModelManager, settings: Settings, speech_8k: 
     from signaling.sip.endpoint import SipServer
     from signaling.sip.phone import LoopbackPhone
 
-    server = SipServer(models, settings, "127.0.0.1", 0)
+    server = SipServer(sessions, settings, "127.0.0.1", 0)
     await server.start()
     phone = LoopbackPhone("127.0.0.1", server.port)
     result: dict = {}
@@ -134,16 +134,15 @@ async def bench_sip(models: UnifiedModelManager, settings: Settings, speech_8k: 
     return result
 
 
-def bench_pipeline(settings, input_path: str | None = None) -> dict:
+def bench_pipeline(sessions: SessionFactory, settings: Settings, input_path: str | None = None) -> dict:
     """A headless call on the given profile; per turn, the pipeline's own time from the VAD
     decision to the first audio frame queued, minus the time the models ran in between."""
     import torch
 
     from agent.audio import read_audio
     from agent.bench import FIXTURES
-    from agent.call.session import OUT_RATE
-    from agent.call.vad import RATE as IN_RATE
     from agent.models.monitor import summarize_turns
+    from agent.rates import IN_RATE, OUT_RATE
 
     from .headless import run_call
 
@@ -154,13 +153,8 @@ def bench_pipeline(settings, input_path: str | None = None) -> dict:
         caller_24k = np.zeros(0, dtype=np.int16)
     else:
         caller, caller_24k = read_audio(input_path, IN_RATE), read_audio(input_path, OUT_RATE)
-    models = UnifiedModelManager(settings)
-    try:
-        models.load()
-        result = asyncio.run(run_call(models, caller, caller_24k, settings, seed=0))
-    finally:
-        models.unload()
+    result = asyncio.run(run_call(sessions, caller, caller_24k, settings, seed=0))
     latencies = [t.latency_ms() for t in result.turns]
-    return {"profile": settings.profile, "device": str(models.device), "torch": torch.__version__,
+    return {"profile": settings.profile, "device": sessions.device, "torch": torch.__version__,
             "turns": len(result.turns), "latency_ms": summarize_turns(latencies),
             "per_turn_ms": latencies}

@@ -17,12 +17,11 @@ from typing import Protocol
 import numpy as np
 
 from agent.call.events import TurnRecord
-from agent.call.session import OUT_RATE, CallSession
-from agent.call.vad import RATE as IN_RATE
+from agent.call.factory import SessionFactory
 from agent.config import Settings
-from agent.models.manager import UnifiedModelManager
+from agent.rates import IN_RATE, OUT_RATE
+from signaling.pacing import PACKET_S
 
-PACKET_S = 0.02  # the virtual clock ticks in 20 ms packets, as transports do (a SNAC frame is snac.FRAME_S)
 TAIL_LIMIT_S = 60.0  # most time the agent may keep talking after the recording ends
 
 
@@ -59,14 +58,14 @@ class RecordingSink(Protocol):
     def write(self, samples: np.ndarray) -> None: ...
 
 
-async def run_call(models: UnifiedModelManager, caller_16k: np.ndarray, caller_24k: np.ndarray,
+async def run_call(sessions: SessionFactory, caller_16k: np.ndarray, caller_24k: np.ndarray,
                    settings: Settings | None = None, realtime: bool = False, seed: int | None = None,
                    recording: RecordingSink | None = None) -> CallResult:
     """Play `caller_16k` (int16 mono) into a session. The stereo call recording goes to
     `recording` 20 ms at a time as the call goes (a WavWriter: a long call holds none of
     it in memory); without one it is returned whole in the CallResult."""
     clock = VirtualClock()
-    session = CallSession(models, settings, clock=clock, seed=seed)
+    session = sessions.new_session(settings, clock=clock, seed=seed)
     in_step = int(IN_RATE * PACKET_S)
     out_step = int(OUT_RATE * PACKET_S)
     n_in = -(-len(caller_16k) // in_step)

@@ -34,8 +34,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily
 
 from agent.call.events import TurnFinished
+from agent.call.factory import SessionFactory
 from agent.config import Settings
-from agent.models.manager import UnifiedModelManager
 from signaling.slots import CallSlots
 from signaling.webrtc.call import BadOffer, WebRTCCall
 
@@ -44,7 +44,7 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 LAG_INTERVAL_S = 0.1
 TRANSPORTS = ("webrtc", "sip")
 
-MODELS = web.AppKey("models", UnifiedModelManager)
+SESSIONS = web.AppKey("sessions", SessionFactory)
 SETTINGS = web.AppKey("settings", Settings)
 CALLS = web.AppKey("calls", dict)
 SLOTS = web.AppKey("slots", CallSlots)
@@ -105,11 +105,11 @@ class _SipCounts:
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def create_app(models: UnifiedModelManager, settings: Settings) -> web.Application:
-    """The aiohttp application; the models are loaded by the caller (or being loaded).
+def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
+    """The aiohttp application; its models are loaded by the caller (or being loaded).
     Its CallSlots (app[SLOTS]) are the process's: give them to the SipServer too."""
     app = web.Application(client_max_size=settings.server.max_body_kb * 1024, middlewares=[json_errors])
-    app[MODELS] = models
+    app[SESSIONS] = sessions
     app[SETTINGS] = settings
     app[CALLS] = {}
     app[SLOTS] = CallSlots(settings.server.max_calls)
@@ -239,7 +239,7 @@ async def read_json_body(request: web.Request, max_body_kb: int) -> tuple[Any, w
 
 
 async def offer(request: web.Request) -> web.Response:
-    models: UnifiedModelManager = request.app[MODELS]
+    sessions: SessionFactory = request.app[SESSIONS]
     settings: Settings = request.app[SETTINGS]
     slots: CallSlots = request.app[SLOTS]
     m: Metrics = request.app[METRICS]
@@ -251,13 +251,13 @@ async def offer(request: web.Request) -> web.Response:
     if problem:
         m.rejected.labels("bad_request").inc()
         return error(400, problem)
-    if not models.ready:
+    if not sessions.ready:
         m.rejected.labels("not_ready").inc()
         return error(503, "the models are still loading; try again shortly")
     if not slots.free:
         m.rejected.labels("call_limit").inc()
         return error(503, f"the agent is busy: {slots.limit} calls in progress, the limit")
-    call = WebRTCCall(models, settings, body.get("voice") or None, on_event=_count_turns(m),
+    call = WebRTCCall(sessions, settings, body.get("voice") or None, on_event=_count_turns(m),
                       on_closed=lambda c: _forget(request.app, c))
     slots.take(_slot(call), "webrtc")  # held while it is negotiated; no await since the check
     request.app[CALLS][call.id] = call
@@ -325,13 +325,13 @@ async def hang_up(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    models: UnifiedModelManager = request.app[MODELS]
+    sessions: SessionFactory = request.app[SESSIONS]
     settings: Settings = request.app[SETTINGS]
     slots: CallSlots = request.app[SLOTS]
     held = slots.by_transport()
     return web.json_response({
-        "status": "ready" if models.ready else "loading",
-        "models": models.loaded,
+        "status": "ready" if sessions.ready else "loading",
+        "models": sessions.loaded,
         "active_calls": slots.count(),
         "calls_by_transport": {t: held.get(t, 0) for t in TRANSPORTS},
         "free_slots": slots.free,
@@ -343,10 +343,10 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     m: Metrics = request.app[METRICS]
-    models: UnifiedModelManager = request.app[MODELS]
-    m.models_ready.set(1 if models.ready else 0)
+    sessions: SessionFactory = request.app[SESSIONS]
+    m.models_ready.set(1 if sessions.ready else 0)
     m.count_slots(request.app[SLOTS])
-    for kind, value in models.memory.stats().items():
+    for kind, value in sessions.memory_stats().items():
         m.gpu_memory.labels(kind.removesuffix("_mib")).set(value)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -384,18 +384,18 @@ async def run_server(app: web.Application, host: str, port: int, stop: asyncio.E
             loop.remove_signal_handler(sig)
 
 
-def serve(settings: Settings, host: str, port: int, sip_port: int = 0) -> None:
+def serve(sessions: SessionFactory, load: Callable[[], None], settings: Settings, host: str, port: int,
+          sip_port: int = 0) -> None:
     """Answer calls until interrupted (Ctrl-C, SIGTERM). The page and /health answer at
-    once; the models load in the background meanwhile (/health says "loading", /offer 503).
-    If they cannot be loaded, the server stops and the error is raised. With a SIP port,
+    once; `load` (the models) runs in a worker thread meanwhile (/health says "loading",
+    /offer 503). If it fails, the server stops and the error is raised. With a SIP port,
     phone calls are answered there too (UDP), within the same call limit."""
     from signaling.sip.endpoint import SipServer
 
-    models = UnifiedModelManager(settings)
-    app = create_app(models, settings)
+    app = create_app(sessions, settings)
     failure: list[BaseException] = []
     stop = asyncio.Event()
-    sip = SipServer(models, settings, host, sip_port, slots=app[SLOTS]) if sip_port else None
+    sip = SipServer(sessions, settings, host, sip_port, slots=app[SLOTS]) if sip_port else None
 
     async def start_sip(app: web.Application) -> None:
         await sip.start()
@@ -409,20 +409,17 @@ def serve(settings: Settings, host: str, port: int, sip_port: int = 0) -> None:
         app.on_shutdown.append(stop_sip)
 
     async def load_models(app: web.Application) -> None:
-        async def load() -> None:
+        async def in_background() -> None:
             try:
-                await asyncio.to_thread(models.load)
+                await asyncio.to_thread(load)
                 log.info("voice agent ready: open http://%s:%d/ in a browser", host, port)
             except Exception as e:  # noqa: BLE001 - reported after the server stops
                 failure.append(e)
                 stop.set()
 
-        app[LOADER] = asyncio.ensure_future(load())
+        app[LOADER] = asyncio.ensure_future(in_background())
 
     app.on_startup.append(load_models)
-    try:
-        asyncio.run(run_server(app, host, port, stop))
-    finally:
-        models.unload()
+    asyncio.run(run_server(app, host, port, stop))
     if failure:
         raise failure[0]

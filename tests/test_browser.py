@@ -33,6 +33,7 @@ except ImportError as e:
 from aiohttp import web
 
 from agent.audio import read_audio, write_wav
+from agent.call.factory import SessionFactory
 from agent.config import load_settings
 from agent.models.manager import UnifiedModelManager
 from signaling.server import create_app
@@ -108,7 +109,7 @@ def server():
     settings = load_settings("tiny", env={})
     models = UnifiedModelManager(settings)
     models.load()
-    thread = ServerThread(create_app(models, settings)).start()
+    thread = ServerThread(create_app(SessionFactory(models), settings)).start()
     yield thread
     thread.stop()
     models.unload()

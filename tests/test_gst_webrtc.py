@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
+from agent.call.factory import SessionFactory
 from signaling.server import create_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -35,7 +36,7 @@ async def test_a_webrtcbin_caller_is_answered(models, tiny_settings, tmp_path):
     reason = gst_missing()
     if reason:
         pytest.skip(reason)
-    server = TestServer(create_app(models, tiny_settings), host="127.0.0.1")
+    server = TestServer(create_app(SessionFactory(models), tiny_settings), host="127.0.0.1")
     await server.start_server()
     try:
         caller = await asyncio.create_subprocess_exec(

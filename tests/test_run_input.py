@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agent.audio import WavWriter, read_audio
+from agent.call.factory import SessionFactory
 from agent.errors import InputError
 from signaling.headless import run_call
 
@@ -104,7 +105,7 @@ async def test_the_recording_is_written_as_the_call_goes(models, tiny_settings, 
     tracemalloc.start()
     try:
         with WavWriter(out, 24000, 2) as recording:
-            result = await run_call(models, caller_16k, caller_24k, tiny_settings, recording=recording)
+            result = await run_call(SessionFactory(models), caller_16k, caller_24k, tiny_settings, recording=recording)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -122,9 +123,9 @@ async def test_the_recording_is_written_as_the_call_goes(models, tiny_settings, 
 async def test_the_recording_in_memory_matches_the_written_one(models, tiny_settings, tmp_path):
     """Without a writer run_call returns the same timeline whole (for benches and tests)."""
     caller_16k, caller_24k = np.zeros(16000 * 3 + 5, np.int16), noise(24000 * 3 + 700, seed=3)
-    whole = await run_call(models, caller_16k, caller_24k, tiny_settings)
+    whole = await run_call(SessionFactory(models), caller_16k, caller_24k, tiny_settings)
     with WavWriter(tmp_path / "c.wav", 24000, 2) as recording:
-        await run_call(models, caller_16k, caller_24k, tiny_settings, recording=recording)
+        await run_call(SessionFactory(models), caller_16k, caller_24k, tiny_settings, recording=recording)
     with wave.open(str(tmp_path / "c.wav")) as w:
         written = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).reshape(-1, 2)
     assert np.array_equal(whole.recording, written)

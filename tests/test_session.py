@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from agent.call.events import AgentInterrupted
+from agent.call.factory import SessionFactory
 from agent.call.outbound import OutboundAudio
-from agent.call.session import CallSession, TextSegmenter
+from agent.call.session import CallSession
+from agent.text import TextSegmenter
 from signaling.headless import VirtualClock, run_call
 
 FRAME = 320  # 20 ms at 16 kHz
@@ -51,7 +53,7 @@ async def test_outbound_frames_backpressure_and_clear():
 
 async def test_two_utterances_get_two_answers(models, tiny_settings, speech):
     caller = np.concatenate([silence(0.5), speech[0], silence(6.0), speech[1], silence(4.0)])
-    result = await run_call(models, caller, np.zeros(0, np.int16), tiny_settings, seed=1)
+    result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), tiny_settings, seed=1)
     assert len(result.turns) == 2
     agent = result.recording[:, 1].astype(np.float64)
     for turn in result.turns:
@@ -135,7 +137,7 @@ async def test_history_stays_bounded(models, tiny_settings, speech):
     try:
         gap = silence(6.0)  # longer than a tiny reply takes to play on a slow CPU (idle time is skipped)
         caller = np.concatenate([silence(0.5), speech[0], gap, speech[1], gap, speech[0], gap, speech[1], gap])
-        result = await run_call(models, caller, np.zeros(0, np.int16), settings, seed=4)
+        result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), settings, seed=4)
     finally:
         models.voxtral.reply_prompt = real
     assert len(result.turns) == 4 and not any(t.interrupted for t in result.turns)
@@ -162,7 +164,7 @@ async def test_a_failing_turn_does_not_end_the_call(models, tiny_settings, speec
     models.voxtral.reply_prompt = flaky
     try:
         caller = np.concatenate([silence(0.5), speech[0], silence(6.0), speech[1], silence(4.0)])
-        result = await run_call(models, caller, np.zeros(0, np.int16), tiny_settings, seed=2)
+        result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), tiny_settings, seed=2)
     finally:
         models.voxtral.reply_prompt = real
     assert len(result.turns) == 2
@@ -174,7 +176,7 @@ async def test_silence_and_noise_give_no_turns(models, tiny_settings):
     rng = np.random.default_rng(0)
     noise = (rng.standard_normal(16000 * 4) * 4000).astype(np.int16)
     for caller in (silence(4.0), noise):
-        result = await run_call(models, caller, np.zeros(0, np.int16), tiny_settings)
+        result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), tiny_settings)
         assert result.turns == [] and np.abs(result.recording[:, 1]).max() == 0
 
 

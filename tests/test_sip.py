@@ -13,6 +13,7 @@ import pytest
 from aiortc.codecs.g711 import PcmuEncoder
 
 from agent.audio import read_audio
+from agent.call.factory import SessionFactory
 from signaling.sip.endpoint import SipServer
 from signaling.sip.message import parse_message
 
@@ -21,7 +22,7 @@ HERE = Path(__file__).parent
 
 
 async def start(models, settings, **kwargs) -> SipServer:
-    server = SipServer(models, settings, "127.0.0.1", 0, **kwargs)
+    server = SipServer(SessionFactory(models), settings, "127.0.0.1", 0, **kwargs)
     await server.start()
     return server
 

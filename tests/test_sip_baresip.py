@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agent.audio import read_audio
+from agent.call.factory import SessionFactory
 from signaling.sip.endpoint import SipServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -106,7 +107,7 @@ async def stop(process: asyncio.subprocess.Process) -> None:
 @pytest.mark.skipif(MODULES is None, reason="baresip with modules aufile, sndfile, g711, alsa and menu "
                                            "(Debian package baresip-core) is not installed")
 async def test_baresip_asks_and_records_the_answer(models, tiny_settings, tmp_path):
-    server = SipServer(models, tiny_settings, "127.0.0.1", 0)
+    server = SipServer(SessionFactory(models), tiny_settings, "127.0.0.1", 0)
     await server.start()
     speech = read_audio(HERE / "fixtures" / "question1.wav", 8000)
     source = tmp_path / "question.wav"  # aufile needs the codec's rate: 8 kHz mono S16LE

@@ -19,6 +19,7 @@ from test_sip import free_udp_port, offer, phone_for, request, start, ulaw_file
 
 from agent.audio import read_audio
 from agent.call.events import DtmfReceived
+from agent.call.factory import SessionFactory
 from agent.cli import main as cli_main
 from agent.config import load_settings
 from agent.errors import ConfigError
@@ -101,7 +102,7 @@ async def test_a_sipp_uas_presses_a_key_and_hangs_up(models, tiny_settings, tmp_
                                                stderr=asyncio.subprocess.PIPE)
     try:
         lines: list[str] = []
-        call = await call_out(models, tiny_settings, *parse_target(f"sip:callee@127.0.0.1:{port}"), "127.0.0.1",
+        call = await call_out(SessionFactory(models), tiny_settings, *parse_target(f"sip:callee@127.0.0.1:{port}"), "127.0.0.1",
                               say=lines.append)
         _, err = await asyncio.wait_for(uas.communicate(), 20)
         assert uas.returncode == 0, err.decode()[-2000:]  # its BYE got our 200
@@ -120,7 +121,7 @@ async def test_the_agent_hangs_up_a_call_it_placed(models, tiny_settings, tmp_pa
     port = free_udp_port()
     uas = await asyncio.create_subprocess_exec(*sipp_uas(tmp_path, "uas_question_wait_bye.xml", port), cwd=tmp_path,
                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    client = SipClient(models, tiny_settings, "127.0.0.1")
+    client = SipClient(SessionFactory(models), tiny_settings, "127.0.0.1")
     await client.start()
     try:
         progress = []
@@ -149,7 +150,7 @@ async def test_call_out_hangs_up_at_max_seconds(models, tiny_settings, tmp_path)
                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         lines: list[str] = []
-        call = await call_out(models, tiny_settings, *parse_target(f"sip:callee@127.0.0.1:{port}"), "127.0.0.1",
+        call = await call_out(SessionFactory(models), tiny_settings, *parse_target(f"sip:callee@127.0.0.1:{port}"), "127.0.0.1",
                               max_seconds=1.0, say=lines.append)
         assert call.end_reason == "the agent hung up (--max-seconds)"
         assert re.fullmatch(r"hung up: the agent hung up \(--max-seconds\), after 1\.\d s .*", lines[-1]), lines
@@ -185,7 +186,7 @@ class Callee(asyncio.DatagramProtocol):
 async def callee_and_client(models, settings):
     loop = asyncio.get_running_loop()
     transport, callee = await loop.create_datagram_endpoint(Callee, local_addr=("127.0.0.1", 0))
-    client = SipClient(models, settings, "127.0.0.1")
+    client = SipClient(SessionFactory(models), settings, "127.0.0.1")
     await client.start()
     return callee, client, parse_target(f"sip:bob@127.0.0.1:{transport.get_extra_info('sockname')[1]}")
 

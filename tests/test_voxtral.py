@@ -10,7 +10,8 @@ from transformers import VoxtralForConditionalGeneration
 
 from agent.errors import InputError, InsufficientVRAMError, ModelInitializationError
 from agent.models.tiny import load_voxtral, tiny_voxtral_dir
-from agent.models.voxtral import SAMPLE_RATE, ChatTurn, ReplyParams, TurnAudio, VoxtralModel, estimate_voxtral_bytes
+from agent.models.voxtral import ChatTurn, ReplyParams, TurnAudio, VoxtralModel, estimate_voxtral_bytes
+from agent.rates import IN_RATE
 
 AUDIO, BEGIN_AUDIO, TRANSCRIBE, BOS, EOS, INST, END_INST = 24, 25, 34, 1, 2, 3, 4
 TOKENS_PER_30S = 375
@@ -22,7 +23,7 @@ def voxtral() -> VoxtralModel:
 
 
 def tone(seconds: float, hz: float = 220.0) -> np.ndarray:
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    t = np.arange(int(seconds * IN_RATE)) / IN_RATE
     return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
@@ -43,7 +44,7 @@ def test_tiny_checkpoint_is_saved_like_a_hub_repo():
     assert config["audio_config"]["num_mel_bins"] == 128
     assert config["text_config"]["vocab_size"] == 131072
     features = json.loads((path / "processor_config.json").read_text())["feature_extractor"]
-    assert features["feature_size"] == 128 and features["sampling_rate"] == SAMPLE_RATE
+    assert features["feature_size"] == 128 and features["sampling_rate"] == IN_RATE
     tekken = json.loads((path / "tekken.json").read_text())
     assert tekken["config"]["version"] == "v7" and tekken["audio"]["frame_rate"] == 12.5
 
@@ -183,8 +184,8 @@ def test_long_and_empty_audio(voxtral):
     long = voxtral.reply_stream(tone(35.0), [], "", ReplyParams(max_new_tokens=2), seed=0)
     assert long.prompt_ids.count(AUDIO) == 2 * TOKENS_PER_30S  # two 30 s windows
     assert len(run(long)) == 2
-    for samples in (0, int(0.1 * SAMPLE_RATE)):
-        short = voxtral.reply_stream(tone(samples / SAMPLE_RATE), [], "", ReplyParams(max_new_tokens=2), seed=0)
+    for samples in (0, int(0.1 * IN_RATE)):
+        short = voxtral.reply_stream(tone(samples / IN_RATE), [], "", ReplyParams(max_new_tokens=2), seed=0)
         assert short.prompt_ids.count(AUDIO) == TOKENS_PER_30S
         assert len(run(short)) == 2
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
+from agent.call.factory import SessionFactory
 from signaling.server import CALLS, create_app
 from signaling.webrtc.call import SessionAudioTrack
 from signaling.webrtc.loopback import Caller
@@ -17,7 +18,7 @@ RATE = 16000
 
 
 async def start_server(models, settings):
-    server = TestServer(create_app(models, settings), host="127.0.0.1")
+    server = TestServer(create_app(SessionFactory(models), settings), host="127.0.0.1")
     await server.start_server()
     return server
 

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from agent.call.factory import SessionFactory
 from signaling.server import CALLS, create_app
 from signaling.webrtc.call import BadOffer, SessionAudioTrack, WebRTCCall
 from signaling.webrtc.loopback import Caller
@@ -68,7 +69,7 @@ async def test_close_never_raises_and_reports_once(models, tiny_settings):
     # gave it a transport, and its own close() raises on it.
     from agent.call.outbound import OutboundAudio
 
-    call = WebRTCCall(models, tiny_settings, None)
+    call = WebRTCCall(SessionFactory(models), tiny_settings, None)
     closed = closed_counter(call)
     await call.pc.setRemoteDescription(RTCSessionDescriptionOffer(without(await offer_sdp(), "m=audio")))
     with contextlib.suppress(AttributeError):
@@ -97,7 +98,7 @@ async def test_a_broken_offer_is_a_bad_offer_and_leaves_nothing(models, tiny_set
     sdp = BROKEN[name](await offer_sdp())
     errors = LoopErrors()
     fds = open_fds()
-    call = WebRTCCall(models, tiny_settings, None)
+    call = WebRTCCall(SessionFactory(models), tiny_settings, None)
     closed = closed_counter(call)
     with pytest.raises(BadOffer) as e:
         await call.answer(RTCSessionDescriptionOffer(sdp))
@@ -137,7 +138,7 @@ async def test_mutated_offers_are_answered_or_refused_never_crash(models, tiny_s
     errors = LoopErrors()
     outcomes = {"answered": 0, "refused": 0}
     for mutated in mutations(sdp, 90):
-        call = WebRTCCall(models, tiny_settings, None)
+        call = WebRTCCall(SessionFactory(models), tiny_settings, None)
         closed = closed_counter(call)
         try:
             await call.answer(RTCSessionDescriptionOffer(mutated))
@@ -152,7 +153,7 @@ async def test_mutated_offers_are_answered_or_refused_never_crash(models, tiny_s
 
 
 async def start_server(models, settings):
-    server = TestServer(create_app(models, settings), host="127.0.0.1")
+    server = TestServer(create_app(SessionFactory(models), settings), host="127.0.0.1")
     await server.start_server()
     return server
 
@@ -182,7 +183,7 @@ async def test_an_offer_that_never_connects_frees_its_slot(models, tiny_settings
 
 
 async def test_answer_makes_the_agent_the_dtls_server(models, tiny_settings):
-    call = WebRTCCall(models, tiny_settings, None)
+    call = WebRTCCall(SessionFactory(models), tiny_settings, None)
     answer = await call.answer(RTCSessionDescriptionOffer(await offer_sdp()))
     await call.close()
     setups = [line for line in answer.sdp.split("\r\n") if line.startswith("a=setup:")]
@@ -254,7 +255,7 @@ async def test_a_failing_call_task_ends_the_call(models, tiny_settings, speech):
     def broken_listener(call, event) -> None:
         raise RuntimeError("a bug in an event listener")
 
-    call = WebRTCCall(models, tiny_settings, None, on_event=broken_listener)
+    call = WebRTCCall(SessionFactory(models), tiny_settings, None, on_event=broken_listener)
     closed = closed_counter(call)
     caller = Caller("http://unused")
     caller.mic.say(speech[0], pause_s=0.3)

@@ -35,10 +35,10 @@ import numpy as np
 
 from agent.audio import Resampler
 from agent.config import EchoSettings
+from agent.rates import IN_RATE
 
 log = logging.getLogger(__name__)
 
-RATE = 16000  # the VAD's rate: the guard works on its frames
 PRE_MS = 4  # the filter starts this long before the delay peak: resampling filters spread the echo both ways
 GCC_WINDOW_S = 0.5  # caller audio correlated per delay estimate
 GCC_EVERY_S = 0.1  # how often the delay is estimated while the agent's voice can be coming back
@@ -111,20 +111,20 @@ class EchoGuard:
 
     def __init__(self, settings: EchoSettings, frame: int) -> None:
         self.frame = frame
-        self.max_delay = RATE * settings.max_delay_ms // 1000
+        self.max_delay = IN_RATE * settings.max_delay_ms // 1000
         self.margin = 10 ** (settings.margin_db / 10)
-        self._window = int(RATE * GCC_WINDOW_S)
+        self._window = int(IN_RATE * GCC_WINDOW_S)
         self._fft = 1 << math.ceil(math.log2(self._window + self.max_delay))
         keep = 2 * self.max_delay + self._window + 8 * frame
         self._ref, self._mic = _Timeline(keep), _Timeline(keep)
-        self._resampler = Resampler(RATE)
+        self._resampler = Resampler(IN_RATE)
         self._arrived = 0  # caller samples received so far
         self._pos = 0  # caller samples processed (the next frame starts here)
         self._write = 0  # where the resampled played audio continues
         self._next = 0.0  # where the next played sample belongs (ahead of _write by what the resampler holds)
         self._last_play: float | None = None
         self._frames = 0
-        self._gcc_every = max(1, round(GCC_EVERY_S * RATE / frame))
+        self._gcc_every = max(1, round(GCC_EVERY_S * IN_RATE / frame))
         self._cross: np.ndarray | None = None
         self._candidate: int | None = None
         self.delay: int | None = None  # bulk echo delay in samples, once found
@@ -135,13 +135,13 @@ class EchoGuard:
         self._env = 0.0
         self._worse = 0  # frames in a row the filter made worse
         self._ratio = 1.0  # residual over played power in echo-only frames (learnt)
-        self._decay = 10 ** (-TAIL_DB_PER_MS * 1000 * frame / RATE / 10)
+        self._decay = 10 ** (-TAIL_DB_PER_MS * 1000 * frame / IN_RATE / 10)
         self.erle_db = 0.0  # echo return loss enhancement of the filter (smoothed, echo-only frames)
         self.echo_frames = 0  # frames judged to hold only echo (gated)
 
     @property
     def delay_ms(self) -> float | None:
-        return None if self.delay is None else 1000 * self.delay / RATE
+        return None if self.delay is None else 1000 * self.delay / IN_RATE
 
     # -- inputs ----------------------------------------------------------------------
 
@@ -153,17 +153,17 @@ class EchoGuard:
         """The agent's audio as a transport took it to send, at session time `now`."""
         gap = self._last_play is None or now - self._last_play > 1.5 * len(samples) / rate
         behind = self._arrived - self._next
-        if gap and self.frame // 2 < behind <= RATE * FILL_MAX_S:
+        if gap and self.frame // 2 < behind <= IN_RATE * FILL_MAX_S:
             # The player had nothing for a moment (TTS fell behind): the line carried
             # silence, so the reference does too, and its resampler runs on through it.
-            self._push(np.zeros(round(behind * rate / RATE), dtype=np.int16), rate)
+            self._push(np.zeros(round(behind * rate / IN_RATE), dtype=np.int16), rate)
         if (gap and abs(self._arrived - self._next) > self.frame // 2) \
                 or abs(self._next - self._arrived) > RESYNC_FRAMES * self.frame:
             # Playback (re)starts: it starts where the caller's input stands now. While it
             # runs, frames follow each other exactly, whatever the input's jitter.
             self._ref.clear_from(self._arrived)
             self._write, self._next = self._arrived, float(self._arrived)
-            self._resampler = Resampler(RATE)
+            self._resampler = Resampler(IN_RATE)
         self._push(samples, rate)
         self._last_play = now
 
@@ -171,7 +171,7 @@ class EchoGuard:
         x = self._resampler.push(samples, rate).astype(np.float32) / 32768
         self._ref.write(self._write, x)
         self._write += len(x)  # the resampler holds a few samples back: output trails input
-        self._next += len(samples) * RATE / rate
+        self._next += len(samples) * IN_RATE / rate
 
     # -- per frame -------------------------------------------------------------------
 
@@ -268,14 +268,14 @@ class EchoGuard:
         weighted = self._cross / (np.abs(self._cross) ** GCC_BETA + 1e-20)
         corr = np.abs(np.fft.irfft(weighted, self._fft)[:dmax + 1])  # index k: delay dmax - k; either polarity
         k = int(np.argmax(corr))
-        guard = RATE * PEAK_APART_MS // 1000
+        guard = IN_RATE * PEAK_APART_MS // 1000
         side = np.concatenate([corr[:max(0, k - guard)], corr[k + guard + 1:]])
         # One clear peak: far above the spread of the rest, and well above the runner-up
         # (voiced speech correlates with itself at pitch periods; two voices can line up).
         if len(side) < 2 or corr[k] < LOCK_SCORE * side.std() + side.mean() or corr[k] < PEAK_RATIO * side.max():
             return
         delay = dmax - k
-        same = RATE * SAME_DELAY_MS / 1000
+        same = IN_RATE * SAME_DELAY_MS / 1000
         if self.delay is not None and abs(delay - self.delay) <= same:
             self._candidate = None
             return
@@ -292,7 +292,7 @@ class EchoGuard:
 
     def _set_delay(self, delay: int, erl: float) -> None:
         self.delay, self._candidate = delay, None
-        self._pre = min(delay, RATE * PRE_MS // 1000)
+        self._pre = min(delay, IN_RATE * PRE_MS // 1000)
         self._w[:] = 0
         self._power[:] = 0
         # Nothing is cancelled yet, so the residual is the echo itself: start from the

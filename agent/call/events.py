@@ -59,6 +59,42 @@ SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | Age
                 | TurnFailed | DtmfReceived)
 
 
+def event_message(event: SessionEvent) -> dict[str, Any]:
+    """A session event as JSON-ready data, {"type": ..., ...}: the one rendering of the
+    events for anyone outside the process (the web page's data channel)."""
+    if isinstance(event, CallerSpeechStarted):
+        return {"type": "speech_started", "t": round(event.t, 3)}
+    if isinstance(event, CallerSpeechStopped):
+        return {"type": "speech_stopped", "t": round(event.t, 3), "duration_s": round(event.duration_s, 3)}
+    if isinstance(event, AgentReplyText):
+        return {"type": "reply_text", "turn": event.turn, "text": event.text}
+    if isinstance(event, AgentInterrupted):
+        return {"type": "interrupted", "turn": event.turn, "heard": event.played_text}
+    if isinstance(event, TurnFinished):
+        return {"type": "turn", "turn": event.turn.index, "reply": event.turn.played_text,
+                "latency_ms": event.turn.latency_ms()}
+    if isinstance(event, TurnFailed):
+        return {"type": "turn_failed", "turn": event.turn, "error": event.error}
+    if isinstance(event, DtmfReceived):
+        return {"type": "dtmf", "digit": event.digit, "t": round(event.t, 3)}
+    raise TypeError(f"not a session event: {event!r}")
+
+
+def event_line(event: SessionEvent) -> str | None:
+    """A session event as one line for a person at a terminal (`voice-agent call`); None
+    for the events too frequent to print (speech started and stopped, reply pieces)."""
+    if isinstance(event, TurnFinished):
+        t = event.turn
+        return f"turn {t.index}: caller {t.start:.2f}-{t.end:.2f} s, agent said: {t.played_text!r}"
+    if isinstance(event, AgentInterrupted):
+        return f"turn {event.turn}: interrupted after {event.played_text!r}"
+    if isinstance(event, TurnFailed):
+        return f"turn {event.turn}: failed: {event.error}"
+    if isinstance(event, DtmfReceived):
+        return f"DTMF {event.digit} at {event.t:.2f} s"
+    return None
+
+
 # -- turns -------------------------------------------------------------------------
 
 @dataclass

@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import aclosing
 
 import numpy as np
 
@@ -40,45 +40,14 @@ from agent.call.events import (
     TurnRecord,
 )
 from agent.call.outbound import OutboundAudio, OutFrame
-from agent.call.vad import RATE as IN_RATE
 from agent.call.vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
 from agent.config import Settings
 from agent.models.manager import UnifiedModelManager
 from agent.models.voxtral import ChatTurn, ReplyParams, TurnAudio
+from agent.rates import IN_RATE, OUT_RATE
+from agent.text import TextSegmenter
 
 log = logging.getLogger(__name__)
-OUT_RATE = 24000
-
-
-class TextSegmenter:
-    """Streaming reply text -> pieces for TTS: the first clause (at least
-    `min_first_chars` long) as soon as it is complete, then whole sentences."""
-
-    _CLAUSE = re.compile(r"[,;:—.!?…][\"')\]]*\s")
-    _SENTENCE = re.compile(r"[.!?…][\"')\]]*\s")
-
-    def __init__(self, min_first_chars: int) -> None:
-        self.min_first_chars = min_first_chars
-        self.first = True
-        self.buffer = ""
-
-    def push(self, text: str) -> list[str]:
-        self.buffer += text
-        out = []
-        while True:
-            pattern = self._CLAUSE if self.first else self._SENTENCE
-            least = self.min_first_chars if self.first else 1
-            cut = next((m.end() for m in pattern.finditer(self.buffer) if m.end() >= least), None)
-            if cut is None:
-                return out
-            piece, self.buffer = self.buffer[:cut].strip(), self.buffer[cut:]
-            if piece:
-                out.append(piece)
-                self.first = False
-
-    def flush(self) -> str | None:
-        piece, self.buffer = self.buffer.strip(), ""
-        return piece or None
 
 
 # -- the session -------------------------------------------------------------------
@@ -101,7 +70,7 @@ class CallSession:
         s = self.settings
         self.clock = clock
         self._t0 = clock()
-        self.voice = models.tts.validate_voice(voice or s.session.voice or None)
+        self.voice = models.validate_voice(voice or s.session.voice or None)
         self.seed = seed if seed is not None else (s.tts.seed if s.tts.seed >= 0 else random.randrange(2**31))
         guard = s.echo.guard == "on" or (s.echo.guard == "auto" and echo_guard)
         self.echo = EchoGuard(s.echo, IN_RATE * s.vad.frame_ms // 1000) if guard else None
@@ -189,7 +158,7 @@ class CallSession:
         shift = now - utt.decided_at - lag  # session time = stream time + shift
         record = TurnRecord(index=len(self.turns) + 1, start=utt.start + shift, end=utt.end + shift,
                             decided_at=utt.decided_at + shift, t_decision=now,
-                            busy_at_decision=self.models.device_thread.busy_s)
+                            busy_at_decision=self.models.busy_s)
         audio = np.concatenate([self._unanswered, utt.audio]) if len(self._unanswered) else utt.audio
         self._unanswered = np.zeros(0, dtype=np.int16)
         self.turns.append(record)
@@ -227,25 +196,19 @@ class CallSession:
             self._context.append((heard, record))
 
     async def _reply_text(self, record: TurnRecord, audio: TurnAudio, texts: asyncio.Queue) -> None:
-        v = self.settings.voxtral
+        v, session = self.settings.voxtral, self.settings.session
         params = ReplyParams(v.temperature, v.top_p, v.max_new_tokens)
-        segmenter = TextSegmenter(self.settings.session.min_first_chunk_chars)
-        device = self.models.device_thread
-        stream = None
+        segmenter = TextSegmenter(session.min_first_chunk_chars)
         try:
-            # The prompt (tokens, the new audio's features) is CPU work: it is built in a
-            # worker thread, so the device thread keeps every call's speech going meanwhile.
-            session = self.settings.session
-            prompt = await asyncio.to_thread(self.models.voxtral.reply_prompt, audio, self.history,
-                                             session.instructions, session.instructions_first)
-            stream = await device.open(self.models.open_reply, prompt, params, self.seed + record.index,
-                                       asyncio.get_running_loop())
-            while (piece := await self.models.next_reply_piece(stream)) is not None:
-                if record.t_first_token is None:
-                    record.t_first_token = self.now()
-                record.reply_text += piece
-                for text in segmenter.push(piece):
-                    texts.put_nowait(text)
+            reply = self.models.reply(audio, self.history, session.instructions, session.instructions_first,
+                                      params, self.seed + record.index)
+            async with aclosing(reply) as pieces:
+                async for piece in pieces:
+                    if record.t_first_token is None:
+                        record.t_first_token = self.now()
+                    record.reply_text += piece
+                    for text in segmenter.push(piece):
+                        texts.put_nowait(text)
             rest = segmenter.flush()
             if rest:
                 texts.put_nowait(rest)
@@ -254,12 +217,9 @@ class CallSession:
         except Exception as e:
             texts.put_nowait(_ReplyFailed(e))
         finally:
-            if stream is not None:
-                stream.close()
             texts.put_nowait(None)
 
     async def _speak(self, record: TurnRecord, texts: asyncio.Queue) -> None:
-        tts = self.models.tts
         while (item := await texts.get()) is not None:
             if isinstance(item, _ReplyFailed):
                 raise item.error
@@ -267,14 +227,15 @@ class CallSession:
             record.segments.append(segment)
             index = len(record.segments) - 1
             self._emit(AgentReplyText(record.index, item))
-            async for chunk in tts.synthesize(item, self.voice, self.seed + 1000 * record.index + index):
-                if record.t_first_tts_audio is None:
-                    record.t_first_tts_audio = self.now()
-                segment.produced += len(chunk)
-                made = await self.outbound.put(chunk, record.index, index)
-                if made and record.t_first_frame is None:
-                    record.t_first_frame = self.now()
-                    record.busy_at_first_frame = self.models.device_thread.busy_s
+            async with aclosing(self.models.speak(item, self.voice, self.seed + 1000 * record.index + index)) as audio:
+                async for chunk in audio:
+                    if record.t_first_tts_audio is None:
+                        record.t_first_tts_audio = self.now()
+                    segment.produced += len(chunk)
+                    made = await self.outbound.put(chunk, record.index, index)
+                    if made and record.t_first_frame is None:
+                        record.t_first_frame = self.now()
+                        record.busy_at_first_frame = self.models.busy_s
         self.outbound.finish()
 
     def _on_played(self, frame: OutFrame) -> None:

@@ -18,8 +18,8 @@ import numpy as np
 import webrtcvad
 
 from agent.config import VADSettings
+from agent.rates import IN_RATE
 
-RATE = 16000
 START_RATIO = 0.8  # share of voiced frames in the start window
 END_RATIO = 0.9  # share of unvoiced frames in the end window
 FLOOR_WINDOW_S = 3.0
@@ -63,7 +63,7 @@ class VADSegmenter:
         self.s = settings
         self.frame_filter = frame_filter
         self.vad = webrtcvad.Vad(settings.aggressiveness)
-        self.frame = RATE * settings.frame_ms // 1000
+        self.frame = IN_RATE * settings.frame_ms // 1000
         self.frame_s = settings.frame_ms / 1000
         self._start_n = max(1, settings.start_ms // settings.frame_ms)
         self._end_n = max(1, settings.end_ms // settings.frame_ms)
@@ -106,7 +106,7 @@ class VADSegmenter:
         floor = min(self._levels)
         if level < self.s.min_level_db or level < floor + self.s.snr_db:
             return False
-        return self.vad.is_speech(frame.tobytes(), RATE)
+        return self.vad.is_speech(frame.tobytes(), IN_RATE)
 
     def _frame(self, frame: np.ndarray) -> VADEvent | None:
         may_be_speech = True

@@ -8,11 +8,13 @@ work runs (agent/engine/device.py), so the asyncio event loop never waits on a m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from agent.config import Settings
@@ -21,6 +23,9 @@ from agent.errors import ModelInitializationError
 from agent.models import tiny
 from agent.models.memory import GPUMemoryManager, dtype_bytes, graph_pool_bytes, prefill_transient_bytes, resolve_device, resolve_dtype
 from agent.models.tiny import model_config, resolve_source
+
+if TYPE_CHECKING:
+    from agent.models.voxtral import BatchedReply, ChatTurn, ReplyParams, ReplyPrompt, TextStream, TurnAudio
 
 log = logging.getLogger(__name__)
 
@@ -154,26 +159,46 @@ class UnifiedModelManager:
             return
         self.memory.check_plan(plan)
 
-    def open_reply(self, prompt, params, seed: int, loop):
+    @property
+    def busy_s(self) -> float:
+        """Seconds the device has worked so far (see DeviceThread.busy_s)."""
+        return self.device_thread.busy_s
+
+    def validate_voice(self, voice: str | None) -> str:
+        """The voice to speak with (the default for None); InputError for an unknown one."""
+        return self.tts.validate_voice(voice)
+
+    async def reply(self, audio: TurnAudio, history: list[ChatTurn], instructions: str, instructions_first: bool,
+                    params: ReplyParams, seed: int) -> AsyncIterator[str]:
+        """Voxtral's reply to the caller's new turn `audio` after `history`, piece by piece
+        as it is decoded. Close it (contextlib.aclosing) to stop the reply early."""
+        # The prompt (tokens, the new audio's features) is CPU work: it is built in a worker
+        # thread, so the device thread keeps every call's speech going meanwhile.
+        prompt = await asyncio.to_thread(self.voxtral.reply_prompt, audio, history, instructions, instructions_first)
+        stream = await self.device_thread.open(self.open_reply, prompt, params, seed, asyncio.get_running_loop())
+        try:
+            while (piece := await stream.next_piece()) is not None:
+                yield piece
+        finally:
+            stream.close()
+
+    def speak(self, text: str, voice: str, seed: int) -> AsyncIterator[np.ndarray]:
+        """`text` spoken: 24 kHz mono int16 chunks as they are decoded (TTSServiceDirect.synthesize)."""
+        return self.tts.synthesize(text, voice, seed)
+
+    def open_reply(self, prompt: ReplyPrompt, params: ReplyParams, seed: int,
+                   loop: asyncio.AbstractEventLoop | None) -> BatchedReply | TextStream:
         """Start Voxtral's reply to a prompt from VoxtralModel.reply_prompt (on the device
         thread): a BatchedReply where the reply engine has room for the prompt and the
-        longest reply, else a TextStream (the single path)."""
+        longest reply, else a TextStream (the single path). The event loop reads either
+        with next_piece()."""
         if self.replies is not None:
             length = prompt.input_ids.shape[-1]
             if length + params.max_new_tokens <= self.replies.llama.scratch:
                 return self.replies.admit(prompt, params, seed, loop)
             log.info("a prompt of %d tokens leaves no room for a reply in engine.reply_max_seq_len (%d): "
                      "answered by the single path", length, self.settings.engine.reply_max_seq_len)
-        return self.voxtral.text_stream(prompt, params, seed)
-
-    async def next_reply_piece(self, stream) -> str | None:
-        """The next piece of a reply from open_reply (None at its end): a BatchedReply is
-        filled by the reply engine; a TextStream takes one device-thread step per piece."""
-        from agent.models.voxtral import BatchedReply
-
-        if isinstance(stream, BatchedReply):
-            return await stream.next_piece()
-        return await self.device_thread.run(stream.step)
+        return self.voxtral.text_stream(prompt, params, seed, self.device_thread)
 
     def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any],
                             check: Callable[[Any], None] | None = None) -> Any:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent.config import MonitorSettings
-from agent.models.snac import SAMPLE_RATE
+from agent.rates import OUT_RATE
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -52,7 +52,7 @@ class RequestMetrics:
 
     @property
     def audio_s(self) -> float:
-        return self.audio_samples / SAMPLE_RATE
+        return self.audio_samples / OUT_RATE
 
     @property
     def tokens_per_s(self) -> float:

@@ -16,18 +16,18 @@ import numpy as np
 import torch
 
 from agent.engine.generation import load_failure
+from agent.rates import OUT_RATE
 
 FRAME_TOKENS = 7  # codes in one SNAC frame (24 kHz model: 1 + 2 + 4 over three codebooks)
-SAMPLE_RATE = 24000
 FRAME_SAMPLES = 2048
-FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
+FRAME_S = FRAME_SAMPLES / OUT_RATE
 # A stream cut off at its token limit ends mid-sound; its last samples fade out over
 # this long (15 ms), so it ends at zero rather than with a click.
 FADE_SAMPLES = 360
 
 # The published hubertsiuzdak/snac_24khz config.
 SNAC_24KHZ_CONFIG = {
-    "sampling_rate": 24000,
+    "sampling_rate": OUT_RATE,
     "encoder_dim": 48,
     "encoder_rates": [2, 4, 8, 8],
     "decoder_dim": 1024,
@@ -226,7 +226,7 @@ class StreamingSNACDecoder:
         if self.first_audio_after_tokens is None:
             self.first_audio_after_tokens = len(self.frames) * FRAME_TOKENS
         now = self.clock()
-        self._play_end = max(self._play_end or now, now) + len(out) / SAMPLE_RATE
+        self._play_end = max(self._play_end or now, now) + len(out) / OUT_RATE
         self.emitted = window.emit_end
         self.emitted_samples += len(out)
         return out

@@ -22,6 +22,7 @@ from agent.errors import ModelInitializationError
 from agent.models.orpheus import BOS, END_OF_SPEECH, VOCAB_SIZE, OrpheusDirectModel
 from agent.models.snac import SNAC_24KHZ_CONFIG
 from agent.models.voxtral import VoxtralModel, estimate_voxtral_bytes
+from agent.rates import IN_RATE
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def _randomize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
 # and [CALL_ID] sit where Mistral's v7 files put them (v7 prompts never use them).
 VOXTRAL_TEKKEN_VERSION = "v7"
 VOXTRAL_AUDIO_CONFIG = {
-    "sampling_rate": 16000,
+    "sampling_rate": IN_RATE,
     "frame_rate": 12.5,  # 375 audio tokens per 30 s chunk
     "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400},
     "chunk_length_s": 30.0,
@@ -273,7 +274,7 @@ def _save_tiny_voxtral(path: Path) -> None:
 
     tokenizer = MistralCommonBackend(tokenizer_path=write_voxtral_tekken(path / "tekken.json"))
     # Voxtral's preprocessor_config.json: 128 mel bins, 30 s windows.
-    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30,
+    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=IN_RATE, hop_length=160, chunk_length=30,
                                        n_fft=400, padding_value=0.0, dither=0.0, return_attention_mask=False)
     VoxtralProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(path)
     torch.manual_seed(WEIGHTS_SEED)

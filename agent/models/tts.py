@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections.abc import AsyncIterator
 
@@ -43,40 +42,9 @@ from agent.models.orpheus import (
     stream_generator,
 )
 from agent.models.snac import StreamingSNACDecoder, decode_batch, to_int16
+from agent.text import split_sentences
 
 log = logging.getLogger(__name__)
-
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+")
-_CLAUSE_END = re.compile(r"(?<=[,;:—])\s+")
-_SPACE = re.compile(r"\s+")
-
-
-def split_sentences(text: str, max_chars: int) -> list[str]:
-    """Split at sentence ends; split sentences longer than max_chars at clauses, then spaces."""
-    out: list[str] = []
-    for sentence in _SENTENCE_END.split(text.strip()):
-        sentence = " ".join(sentence.split())
-        if sentence:
-            out.extend(_pack(sentence, max_chars))
-    return out
-
-
-def _pack(sentence: str, max_chars: int) -> list[str]:
-    if len(sentence) <= max_chars:
-        return [sentence]
-    for splitter in (_CLAUSE_END, _SPACE):
-        pieces = splitter.split(sentence)
-        if len(pieces) > 1:
-            break
-    else:
-        return [sentence]  # one very long word stays whole rather than cut mid-word
-    chunks: list[str] = []
-    for piece in pieces:
-        if chunks and len(chunks[-1]) + 1 + len(piece) <= max_chars:
-            chunks[-1] += " " + piece
-        else:
-            chunks.append(piece)
-    return [c for chunk in chunks for c in _pack(chunk, max_chars)]
 
 
 def sentence_chars(settings: Settings) -> int:
@@ -203,8 +171,9 @@ class SpeechStream:
     ends, or one frame's worth of steps has run, so that other streams' steps can
     interleave and each hop to the device thread does a useful amount of work."""
 
-    def __init__(self, tokens: TokenStream, decoder: StreamingSNACDecoder) -> None:
+    def __init__(self, tokens: TokenStream, decoder: StreamingSNACDecoder, device_thread: DeviceThread) -> None:
         self.tokens = tokens
+        self.device_thread = device_thread  # where next_audio() runs advance()
         self.decoder = decoder
         self.assembler = FrameAssembler()
         self.done = False
@@ -236,6 +205,10 @@ class SpeechStream:
             if audio is not None or self.done:
                 return audio
         return None
+
+    async def next_audio(self) -> np.ndarray | None:
+        """advance() on the device thread, from the event loop: the same call as a BatchedStream's."""
+        return await self.device_thread.run(self.advance)
 
     def close(self) -> None:
         self.done = True
@@ -339,10 +312,7 @@ class TTSServiceDirect:
                                                asyncio.get_running_loop())
         try:
             while not stream.done:
-                if isinstance(stream, BatchedStream):
-                    audio = await stream.next_audio()  # the batcher pushes audio as it is made
-                else:
-                    audio = await self.device_thread.run(stream.advance)
+                audio = await stream.next_audio()
                 now = time.perf_counter()
                 if m.first_token is None and stream.first_token_at is not None:
                     m.first_token = stream.first_token_at
@@ -374,7 +344,7 @@ class TTSServiceDirect:
             return stream
         s = self.settings.snac
         decoder = StreamingSNACDecoder(self.snac, s.decoder_mode, s.max_frames_per_window)
-        stream = SpeechStream(self.orpheus.stream(prompt, params, seed), decoder)
+        stream = SpeechStream(self.orpheus.stream(prompt, params, seed), decoder, self.device_thread)
         self.active.add(stream)
         return stream
 

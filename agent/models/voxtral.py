@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from agent.engine.batching import SlotBatcher, SlotStream
+from agent.engine.device import DeviceThread
 from agent.engine.generation import (
     CachedGeneration,
     InProcessModel,
@@ -38,10 +39,10 @@ from agent.engine.generation import (
 )
 from agent.engine.llama import StaticLlama
 from agent.errors import InputError, ModelInitializationError
+from agent.rates import IN_RATE
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 # mistral-common pads audio up to a multiple of 30 s, which leaves an empty clip empty
 # (and then nothing to encode); one audio token's worth of silence (80 ms) avoids that.
 MIN_SAMPLES = 1280
@@ -107,10 +108,11 @@ class TextStream(CachedGeneration):
     """
 
     def __init__(self, model: VoxtralModel, prefill: dict[str, torch.Tensor], prompt_ids: list[int],
-                 params: ReplyParams, seed: int) -> None:
+                 params: ReplyParams, seed: int, device_thread: DeviceThread | None = None) -> None:
         # Prefill input: the prompt's embeddings (a reply), or its ids and mel features.
         super().__init__(prefill)
         self.model = model
+        self.device_thread = device_thread  # where next_piece() runs its steps
         self.params = params
         self.prompt_ids = prompt_ids
         self.prompt_tokens = len(self.prompt_ids)
@@ -146,6 +148,12 @@ class TextStream(CachedGeneration):
         else:
             self._next_input = {"input_ids": torch.tensor([[token]], device=self.model.device)}
         return piece
+
+    async def next_piece(self) -> str | None:
+        """step() on the device thread, from the event loop: the same call as a BatchedReply's."""
+        if self.device_thread is None:
+            raise RuntimeError("this TextStream was made without a device thread: call step() on one")
+        return await self.device_thread.run(self.step)
 
 
 class VoxtralModel(InProcessModel):
@@ -191,14 +199,18 @@ class VoxtralModel(InProcessModel):
         return cls(model, processor, source)
 
     def reply_stream(self, audio: np.ndarray | TurnAudio, history: Sequence[ChatTurn], instructions: str,
-                     params: ReplyParams, seed: int, instructions_first: bool = False) -> TextStream:
+                     params: ReplyParams, seed: int, instructions_first: bool = False,
+                     device_thread: DeviceThread | None = None) -> TextStream:
         """Understanding mode: answer `audio`, the caller's new turn, after `history`."""
-        return self.text_stream(self.reply_prompt(audio, history, instructions, instructions_first), params, seed)
+        return self.text_stream(self.reply_prompt(audio, history, instructions, instructions_first), params, seed,
+                                device_thread)
 
-    def text_stream(self, prompt: ReplyPrompt, params: ReplyParams, seed: int) -> TextStream:
-        """The single path for a prompt (on the device thread: the audio is encoded here)."""
+    def text_stream(self, prompt: ReplyPrompt, params: ReplyParams, seed: int,
+                    device_thread: DeviceThread | None = None) -> TextStream:
+        """The single path for a prompt (on the device thread: the audio is encoded here).
+        With `device_thread`, the event loop reads it with next_piece() as a BatchedReply."""
         return TextStream(self, {"inputs_embeds": self.prompt_embeddings(prompt)[None]},
-                          prompt.input_ids[0].tolist(), params, seed)
+                          prompt.input_ids[0].tolist(), params, seed, device_thread)
 
     def reply_prompt(self, audio: np.ndarray | TurnAudio, history: Sequence[ChatTurn], instructions: str,
                      instructions_first: bool = False) -> ReplyPrompt:
@@ -263,7 +275,7 @@ class VoxtralModel(InProcessModel):
         try:
             inputs = self.processor.apply_transcription_request(
                 language=language, audio=prepare_audio(audio), model_id=self.source,
-                sampling_rate=SAMPLE_RATE, format="wav")
+                sampling_rate=IN_RATE, format="wav")
         except (MistralCommonException, ValueError) as e:  # pydantic's error for an unknown language too
             raise InputError(f"cannot build the Voxtral transcription prompt: {first_line(e)}") from e
         finally:
@@ -427,7 +439,7 @@ def wav_base64(audio: np.ndarray) -> str:
     import soundfile as sf
 
     buffer = io.BytesIO()
-    sf.write(buffer, prepare_audio(audio), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    sf.write(buffer, prepare_audio(audio), IN_RATE, format="WAV", subtype="FLOAT")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

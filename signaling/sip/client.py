@@ -25,10 +25,10 @@ import socket
 import uuid
 from collections.abc import Callable
 
-from agent.call.events import AgentInterrupted, DtmfReceived, SessionEvent, TurnFailed, TurnFinished
+from agent.call.events import SessionEvent, event_line
+from agent.call.factory import SessionFactory
 from agent.config import Settings
 from agent.errors import InputError, VoiceAgentError
-from agent.models.manager import UnifiedModelManager
 from signaling.sip import endpoint as sip
 from signaling.sip.endpoint import ALLOW, CLOSE_GRACE_S, T1, TIMER_F, Dialog, SipCall, SipEndpoint, contact_uri, hostport, rtp_socket
 from signaling.sip.message import DEFAULT_PORT, SipMessage, SipParseError, SipUri, parse_uri
@@ -82,9 +82,9 @@ def local_address_for(peer: tuple[str, int]) -> str:
 class SipClient(SipEndpoint):
     """A SIP endpoint that places calls (dial()) and takes none: a new INVITE gets 403."""
 
-    def __init__(self, models: UnifiedModelManager, settings: Settings, host: str, port: int = 0,
+    def __init__(self, sessions: SessionFactory, settings: Settings, host: str, port: int = 0,
                  advertise: str | None = None, voice: str | None = None) -> None:
-        super().__init__(models, settings, host, port, advertise, voice=voice)
+        super().__init__(sessions, settings, host, port, advertise, voice=voice)
         self._invites: dict[str, tuple[SipMessage, tuple[str, int]]] = {}  # branch -> our INVITE, where it went
 
     async def _new_invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
@@ -232,7 +232,7 @@ def _rejection(answer: SipMessage, uri: SipUri) -> str:
 
 # -- `voice-agent call` --------------------------------------------------------------
 
-async def call_out(models: UnifiedModelManager, settings: Settings, uri: SipUri, peer: tuple[str, int],
+async def call_out(sessions: SessionFactory, settings: Settings, uri: SipUri, peer: tuple[str, int],
                    local_host: str, *, voice: str | None = None, max_seconds: float | None = None,
                    stop: asyncio.Event | None = None, say: Callable[[str], None] = print) -> SipCall:
     """Place a call and let the agent talk until either side hangs up, `max_seconds` pass
@@ -240,7 +240,7 @@ async def call_out(models: UnifiedModelManager, settings: Settings, uri: SipUri,
     CallFailed if it never started."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    client = SipClient(models, settings, local_host, voice=voice)
+    client = SipClient(sessions, settings, local_host, voice=voice)
     await client.start()
     tasks: list[asyncio.Future] = []
     try:
@@ -275,7 +275,7 @@ async def call_out(models: UnifiedModelManager, settings: Settings, uri: SipUri,
                 say("our BYE got no answer")
         events.cancel()
         while not call.session.events.empty():  # what happened before the end
-            line = _describe(call.session.events.get_nowait())
+            line = event_line(call.session.events.get_nowait())
             if line:
                 say(line)
         say(f"hung up: {call.end_reason}, after {loop.time() - answered_at:.1f} s "
@@ -289,22 +289,9 @@ async def call_out(models: UnifiedModelManager, settings: Settings, uri: SipUri,
 
 async def _say_events(events: asyncio.Queue[SessionEvent], say: Callable[[str], None]) -> None:
     while True:
-        line = _describe(await events.get())
+        line = event_line(await events.get())
         if line:
             say(line)
-
-
-def _describe(event: SessionEvent) -> str | None:
-    if isinstance(event, TurnFinished):
-        t = event.turn
-        return f"turn {t.index}: caller {t.start:.2f}-{t.end:.2f} s, agent said: {t.played_text!r}"
-    if isinstance(event, AgentInterrupted):
-        return f"turn {event.turn}: interrupted after {event.played_text!r}"
-    if isinstance(event, TurnFailed):
-        return f"turn {event.turn}: failed: {event.error}"
-    if isinstance(event, DtmfReceived):
-        return f"DTMF {event.digit} at {event.t:.2f} s"
-    return None
 
 
 def _progress(answer: SipMessage) -> str:

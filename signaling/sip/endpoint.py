@@ -43,9 +43,10 @@ from collections import Counter, deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from agent.call.session import OUT_RATE, CallSession
+from agent.call.factory import SessionFactory
+from agent.call.session import CallSession
 from agent.config import Settings
-from agent.models.manager import UnifiedModelManager
+from agent.rates import OUT_RATE
 from signaling.sip.message import (
     SipMessage,
     SipParseError,
@@ -158,10 +159,10 @@ class SipEndpoint(asyncio.DatagramProtocol):
     peers reach it); `voice` the agent's voice in its calls. Subclasses decide what a new
     INVITE gets (_new_invite)."""
 
-    def __init__(self, models: UnifiedModelManager, settings: Settings, host: str, port: int,
+    def __init__(self, sessions: SessionFactory, settings: Settings, host: str, port: int,
                  advertise: str | None = None, allow_from: set[str] | None = None, voice: str | None = None,
                  slots: CallSlots | None = None) -> None:
-        self.models = models
+        self.sessions = sessions
         # The process's call slots, shared with the other transports (serve passes the app's).
         self.slots = slots if slots is not None else CallSlots(settings.server.max_calls)
         self.settings = settings
@@ -335,7 +336,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         """The call's CallSession and RTP stream, on `sock` (bound: our SDP names its port):
         the peer's audio into the session at 8 kHz, the session's frames out, DTMF to it.
         Nothing goes out until the call is `confirmed` (see _confirmed)."""
-        session = CallSession(self.models, self.settings, voice=self.voice, echo_guard=True)  # lines echo it back
+        session = self.sessions.new_session(self.settings, voice=self.voice, echo_guard=True)  # lines echo it back
         rtp = RtpSession(codec.name, codec.payload_type, codec.dtmf_payload_type, (codec.remote_ip, codec.remote_port),
                          lambda: _samples(session), OUT_RATE, lambda samples: session.push_audio(samples, 8000),
                          lambda digit: self._dtmf(call, digit), on_failure=lambda e: self._media_failed(call, e),
@@ -539,14 +540,14 @@ class SipEndpoint(asyncio.DatagramProtocol):
 class SipServer(SipEndpoint):
     """Answers SIP calls on one UDP port with the agent; `ring_s` is how long it rings first."""
 
-    def __init__(self, models: UnifiedModelManager, settings: Settings, host: str, port: int,
+    def __init__(self, sessions: SessionFactory, settings: Settings, host: str, port: int,
                  advertise: str | None = None, allow_from: set[str] | None = None, ring_s: float = 0.0,
                  voice: str | None = None, slots: CallSlots | None = None) -> None:
-        super().__init__(models, settings, host, port, advertise, allow_from, voice, slots)
+        super().__init__(sessions, settings, host, port, advertise, allow_from, voice, slots)
         self.ring_s = ring_s
 
     async def _new_invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
-        if not self.models.ready:
+        if not self.sessions.ready:
             self._respond(msg, addr, 503, reason="Service Unavailable (the models are still loading)",
                           headers=[("Retry-After", "10")])
             return

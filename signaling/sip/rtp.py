@@ -36,13 +36,12 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
 from agent.audio import Resampler
+from signaling.pacing import PACKET_S, PacedClock
 
 log = logging.getLogger(__name__)
 
 RATE = 8000
-SAMPLES = 160  # 20 ms
-PTIME_S = 0.02
-RESET_AFTER_S = 0.1  # a tick this late means the loop stalled: restart the clock, don't burst
+SAMPLES = int(RATE * PACKET_S)  # 160: one 20 ms packet
 DTMF_EVENTS = "0123456789*#ABCD"
 CODECS = {"PCMU": (PcmuEncoder, PcmuDecoder), "PCMA": (PcmaEncoder, PcmaDecoder)}
 DTX_AFTER_TICKS = 3  # this many ticks with no packet, and the gap is heard as silence
@@ -329,18 +328,12 @@ class RtpSession(asyncio.DatagramProtocol):
                 self.on_failure(e)
 
     async def _run(self) -> None:
-        start, n = self.clock(), 0
+        pace = PacedClock(PACKET_S, self.clock)
         while True:
-            due = start + n * PTIME_S
-            now = self.clock()
-            if now - due > RESET_AFTER_S:
-                start, n, due = now, 0, now
-            if due > now:
-                await asyncio.sleep(due - now)
+            await pace.wait()
             caller = self._next_caller_audio()
             if caller is not None:
                 self.on_audio(caller)
             if self.transport is not None and self.remote is not None and self.confirmed:
                 self.transport.sendto(self._next_packet(), self.remote)
                 self.sent_at.append(self.clock())
-            n += 1

@@ -27,21 +27,30 @@ from aiortc.exceptions import InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcpeerconnection import find_common_codecs
 
-from agent.call.events import AgentInterrupted, AgentReplyText, CallerSpeechStarted, CallerSpeechStopped, TurnFailed, TurnFinished
+from agent.call.events import (
+    AgentInterrupted,
+    AgentReplyText,
+    CallerSpeechStarted,
+    CallerSpeechStopped,
+    TurnFailed,
+    TurnFinished,
+    event_message,
+)
+from agent.call.factory import SessionFactory
 from agent.call.outbound import OutboundAudio
-from agent.call.session import OUT_RATE, CallSession
+from agent.call.session import CallSession
 from agent.config import Settings
-from agent.models.manager import UnifiedModelManager
+from agent.rates import OUT_RATE
+from signaling.pacing import PacedClock
 
 log = logging.getLogger(__name__)
-RESET_AFTER_S = 0.1  # a recv() this late means the sender paused: restart the clock, don't burst
 
 
 class SessionAudioTrack(MediaStreamTrack):
     """The agent's voice as an aiortc audio track: 20 ms frames at the session's rate.
 
     aiortc takes the RTP clock from the frames' pts, so pacing is only when recv()
-    returns: at start + pts / rate. Silence goes out when there is nothing to say. The
+    returns (signaling/pacing.py). Silence goes out when there is nothing to say. The
     frame is taken from the queue after the wait, so a barge-in that clears the queue
     meanwhile is heard at the very next frame; pts keep counting through it."""
 
@@ -54,20 +63,14 @@ class SessionAudioTrack(MediaStreamTrack):
         self.rate = rate
         self.samples = outbound.frame_samples
         self.clock = clock
-        self._start: float | None = None
+        self.pace = PacedClock(self.samples / rate, clock)
         self._pts = 0
         self.sent_at: deque[float] = deque(maxlen=10_000)  # when each frame left (pacing bench)
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        now = self.clock()
-        due = None if self._start is None else self._start + self._pts / self.rate
-        if due is None or now - due > RESET_AFTER_S:
-            self._start = now - self._pts / self.rate
-            due = now
-        if due > now:
-            await asyncio.sleep(due - now)
+        await self.pace.wait()
         self.sent_at.append(self.clock())
         frame = self.outbound.get_nowait()
         samples = frame.samples if frame is not None else np.zeros(self.samples, dtype=np.int16)
@@ -79,24 +82,12 @@ class SessionAudioTrack(MediaStreamTrack):
         return out
 
 
+PAGE_EVENTS = (CallerSpeechStarted, CallerSpeechStopped, AgentReplyText, AgentInterrupted, TurnFinished, TurnFailed)
+
+
 def event_json(event: Any) -> str | None:
     """A session event as the JSON message the page gets (None for events it does not need)."""
-    if isinstance(event, CallerSpeechStarted):
-        msg = {"type": "speech_started", "t": round(event.t, 3)}
-    elif isinstance(event, CallerSpeechStopped):
-        msg = {"type": "speech_stopped", "t": round(event.t, 3), "duration_s": round(event.duration_s, 3)}
-    elif isinstance(event, AgentReplyText):
-        msg = {"type": "reply_text", "turn": event.turn, "text": event.text}
-    elif isinstance(event, AgentInterrupted):
-        msg = {"type": "interrupted", "turn": event.turn, "heard": event.played_text}
-    elif isinstance(event, TurnFinished):
-        msg = {"type": "turn", "turn": event.turn.index, "reply": event.turn.played_text,
-               "latency_ms": event.turn.latency_ms()}
-    elif isinstance(event, TurnFailed):
-        msg = {"type": "turn_failed", "turn": event.turn, "error": event.error}
-    else:
-        return None
-    return json.dumps(msg)
+    return json.dumps(event_message(event)) if isinstance(event, PAGE_EVENTS) else None
 
 
 class BadOffer(ValueError):
@@ -191,11 +182,11 @@ class WebRTCCall:
     (set before on_closed): "hangup", "bad_offer", "connect_timeout", "media_timeout",
     "connection_failed", "connection_closed", "audio_ended", "task_failed"."""
 
-    def __init__(self, models: UnifiedModelManager, settings: Settings, voice: str | None,
+    def __init__(self, sessions: SessionFactory, settings: Settings, voice: str | None,
                  on_event: Callable[[WebRTCCall, Any], None] | None = None,
                  on_closed: Callable[[WebRTCCall], None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
-        self.models = models
+        self.sessions = sessions
         self.settings = settings
         self.voice = voice
         self.on_event = on_event
@@ -221,7 +212,7 @@ class WebRTCCall:
         except BadOffer:
             await self.close("bad_offer")
             raise
-        self.session = CallSession(self.models, self.settings, voice=self.voice)
+        self.session = self.sessions.new_session(self.settings, voice=self.voice)
         self.track = SessionAudioTrack(self.session.outbound)
         self._peer_sends_audio = any(m.kind == "audio" and m.direction in ("sendrecv", "sendonly")
                                      for m in parsed.media)

@@ -17,7 +17,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-RATE = 16000
+CALLER_RATE = 16000  # the loopback caller's microphone
 LOUD = 300  # RMS above which a received frame counts as the agent speaking (tiny profile: far above)
 
 
@@ -34,21 +34,21 @@ class Microphone(MediaStreamTrack):
         self.speech_end = None  # wall time the last queued sample went out
 
     def say(self, audio: np.ndarray, pause_s: float = 0.0) -> None:
-        self.queue = np.concatenate([self.queue, np.zeros(int(RATE * pause_s), np.int16), audio])
+        self.queue = np.concatenate([self.queue, np.zeros(int(CALLER_RATE * pause_s), np.int16), audio])
         self.speech_end = None
 
     async def recv(self):
         if self.readyState != "live":
             raise MediaStreamError
         self.start = self.start or time.monotonic()
-        due = self.start + self.pts / RATE
+        due = self.start + self.pts / CALLER_RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         chunk, self.queue = self.queue[:320], self.queue[320:]
         if len(chunk) and not len(self.queue):
             self.speech_end = time.monotonic()
         frame = av.AudioFrame.from_ndarray(np.pad(chunk, (0, 320 - len(chunk))).reshape(1, -1), format="s16",
                                            layout="mono")
-        frame.sample_rate, frame.pts, frame.time_base = RATE, self.pts, fractions.Fraction(1, RATE)
+        frame.sample_rate, frame.pts, frame.time_base = CALLER_RATE, self.pts, fractions.Fraction(1, CALLER_RATE)
         self.pts += 320
         return frame
 
