@@ -241,7 +241,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from contextlib import nullcontext
 
     from agent.audio import WavWriter, read_audio
-    from agent.models.monitor import summarize_turns
+    from agent.call.events import summarize_turns
     from agent.rates import IN_RATE, OUT_RATE
     from signaling.headless import run_call
 
@@ -349,10 +349,19 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.audio import read_audio
+    from agent.bench import FIXTURES
+    from agent.rates import IN_RATE, OUT_RATE
     from signaling.bench import bench_pipeline
 
+    if args.input is None:  # the two fixture questions, with a caller's gaps
+        gap = np.zeros(int(IN_RATE * 4.0), dtype=np.int16)
+        parts = [read_audio(FIXTURES / name, IN_RATE) for name in ("question1.wav", "question2.wav")]
+        caller, caller_24k = np.concatenate([gap[:IN_RATE], parts[0], gap, parts[1], gap]), np.zeros(0, np.int16)
+    else:
+        caller, caller_24k = read_audio(args.input, IN_RATE), read_audio(args.input, OUT_RATE)
     with loaded_sessions(settings) as sessions:
-        result = bench_pipeline(sessions, settings, args.input)
+        result = bench_pipeline(sessions, settings, caller, caller_24k)
     print(json.dumps(result) if args.json else result)
     return 0
 

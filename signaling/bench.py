@@ -134,25 +134,16 @@ async def bench_sip(sessions: SessionFactory, settings: Settings, speech_8k: lis
     return result
 
 
-def bench_pipeline(sessions: SessionFactory, settings: Settings, input_path: str | None = None) -> dict:
-    """A headless call on the given profile; per turn, the pipeline's own time from the VAD
-    decision to the first audio frame queued, minus the time the models ran in between."""
+def bench_pipeline(sessions: SessionFactory, settings: Settings, caller: np.ndarray, caller_24k: np.ndarray) -> dict:
+    """A headless call (`caller` at 16 kHz; `caller_24k`, for the recording, may be empty);
+    per turn, the pipeline's own time from the VAD decision to the first audio frame
+    queued, minus the time the models ran in between."""
     import torch
 
-    from agent.audio import read_audio
-    from agent.bench import FIXTURES
-    from agent.models.monitor import summarize_turns
-    from agent.rates import IN_RATE, OUT_RATE
+    from agent.call.events import summarize_turns
 
     from .headless import run_call
 
-    if input_path is None:
-        gap = np.zeros(int(IN_RATE * 4.0), dtype=np.int16)
-        parts = [read_audio(FIXTURES / name, IN_RATE) for name in ("question1.wav", "question2.wav")]
-        caller = np.concatenate([gap[:IN_RATE], parts[0], gap, parts[1], gap])
-        caller_24k = np.zeros(0, dtype=np.int16)
-    else:
-        caller, caller_24k = read_audio(input_path, IN_RATE), read_audio(input_path, OUT_RATE)
     result = asyncio.run(run_call(sessions, caller, caller_24k, settings, seed=0))
     latencies = [t.latency_ms() for t in result.turns]
     return {"profile": settings.profile, "device": sessions.device, "torch": torch.__version__,

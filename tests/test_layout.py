@@ -62,6 +62,12 @@ def test_only_the_command_line_imports_the_transports():
     assert not bad, bad
 
 
+def test_the_transports_import_no_model_or_engine():
+    """Transports get a SessionFactory (agent/call/factory.py), never the model manager."""
+    bad = {(m, d) for m, d in imports_of("signaling") if d.startswith(("agent.models", "agent.engine", "agent.bench"))}
+    assert not bad, bad
+
+
 def test_the_real_loaders_know_nothing_of_the_tiny_builds():
     for loader in ("agent.models.orpheus", "agent.models.voxtral", "agent.models.snac"):
         assert "agent.models.tiny" not in GRAPH[loader], loader

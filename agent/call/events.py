@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class CallerSpeechStarted:
@@ -158,3 +160,15 @@ class TurnRecord:
                 "generated": self.reply_text, "interrupted": self.interrupted, "error": self.error,
                 "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
                 "latency_ms": self.latency_ms()}
+
+
+def summarize_turns(latencies: list[dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """p50 / p95 of each stage of the per-turn latency breakdowns of one call."""
+    stages = sorted({k for d in latencies for k in d})
+    out = {}
+    for stage in stages:
+        values = [d[stage] for d in latencies if d.get(stage) is not None]
+        out[stage] = ({"p50": round(float(np.percentile(values, 50)), 2),
+                       "p95": round(float(np.percentile(values, 95)), 2)} if values
+                      else {"p50": None, "p95": None})
+    return out

@@ -122,15 +122,3 @@ class PerformanceMonitor:
 
     def report_json(self) -> str:
         return json.dumps(self.report())
-
-
-def summarize_turns(latencies: list[dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
-    """p50 / p95 of each stage of the per-turn latency breakdowns of one call."""
-    stages = sorted({k for d in latencies for k in d})
-    out = {}
-    for stage in stages:
-        values = [d[stage] for d in latencies if d.get(stage) is not None]
-        out[stage] = ({"p50": round(float(np.percentile(values, 50)), 2),
-                       "p95": round(float(np.percentile(values, 95)), 2)} if values
-                      else {"p50": None, "p95": None})
-    return out
