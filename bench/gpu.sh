@@ -50,7 +50,7 @@ check() {
     mkdir -p /tmp/stub/av && : > /tmp/stub/av/__init__.py
     export PYTHONPATH="$PYTHONPATH:/tmp/stub"
     # No pytest-asyncio there: only the synchronous CUDA tests run. -s shows the bf16 figures.
-    step tests 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_engine.py tests/test_static_llama_bf16.py \
+    step tests 240 python3 -m pytest -q -s -p no:cacheprovider tests/engine/test_engine.py tests/engine/test_static_llama_bf16.py \
         -k "cuda_graph_replay or bf16_on_gpu" > "$out/tests.txt"
     cat "$out/tests.txt"
     # The same sentence three ways. A small engine (8 slots: 24 graphs) and 700 tokens (8.5 s

@@ -4,7 +4,7 @@ Pure code, no I/O: the user agent, transactions and RTP are built on top of it.
 parse_message() is the one door for bytes off the wire. It raises SipParseError (a
 ValueError) and nothing else for whatever it cannot accept, so a UDP listener can answer
 400 or drop the datagram without guarding against other exceptions; the RFC 4475 torture
-messages in tests/test_sip_message.py say what is accepted. Header values are kept as
+messages in tests/signaling/test_sip_message.py say what is accepted. Header values are kept as
 received (unfolded, trimmed) and parsed on demand; the headers a response must be routed
 and matched with (Via, To, From, Call-ID, CSeq, Contact, Content-Length) are checked up
 front, so their accessors cannot fail on a parsed message.

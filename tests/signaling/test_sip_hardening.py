@@ -16,7 +16,7 @@ import pytest
 from aiortc.codecs.g711 import PcmuDecoder, PcmuEncoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
-from test_sip import HERE, offer, phone_for, request, start
+from support import FIXTURES, offer, phone_for, request, start
 
 from agent.audio import read_audio
 from signaling.sip.message import make_response
@@ -142,7 +142,7 @@ async def test_a_three_turn_conversation_with_gaps_longer_than_the_echo_buffer(m
     server = await start(models, tiny_settings)  # echo.guard "auto": on for a phone line
     transport, port, send, _ = await phone_for(server)
     phone = await rtp_phone()
-    questions = [read_audio(HERE / "fixtures" / f"question{i}.wav", 8000) for i in (1, 2, 1)]
+    questions = [read_audio(FIXTURES / f"question{i}.wav", 8000) for i in (1, 2, 1)]
     try:
         ok, agent = await answered(server, transport, port, send, phone.port, "conversation")
         call = server.calls["conversation"]

@@ -1,5 +1,5 @@
 """A WebRTC caller on GStreamer's webrtcbin: an independent stack (libnice ICE, OpenSSL
-DTLS with an RSA certificate), for tests/test_gst_webrtc.py.
+DTLS with an RSA certificate), for tests/e2e/test_gst_webrtc.py.
 
 Run it with Debian's /usr/bin/python3 (python3-gi, GStreamer 1.22), not the project's
 virtualenv. It posts its offer to the agent's /offer (it gathers ICE fully first, as the

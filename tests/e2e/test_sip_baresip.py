@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import FIXTURES
 
 from agent.audio import read_audio
 from agent.call.factory import SessionFactory
 from signaling.sip.endpoint import SipServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-HERE = Path(__file__).parent
 FRAME = 160  # 20 ms at 8 kHz
 VOICED_RMS = 300.0  # a 20 ms frame louder than this carries speech; G.711 silence is ~0
 
@@ -109,7 +109,7 @@ async def stop(process: asyncio.subprocess.Process) -> None:
 async def test_baresip_asks_and_records_the_answer(models, tiny_settings, tmp_path):
     server = SipServer(SessionFactory(models), tiny_settings, "127.0.0.1", 0)
     await server.start()
-    speech = read_audio(HERE / "fixtures" / "question1.wav", 8000)
+    speech = read_audio(FIXTURES / "question1.wav", 8000)
     source = tmp_path / "question.wav"  # aufile needs the codec's rate: 8 kHz mono S16LE
     # 0.5 s of silence, the question, then silence while the agent answers; baresip hangs up
     # at the end of the file at the latest (the test hangs up as soon as the answer is over).

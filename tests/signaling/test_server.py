@@ -25,7 +25,7 @@ import pytest
 
 from signaling.webrtc.loopback import Caller
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WEB_FILES = {p.read_bytes() for p in (ROOT / "web").iterdir() if p.is_file()}
 
 

@@ -31,6 +31,7 @@ except ImportError as e:
     pytest.skip(f"playwright cannot be imported ({e}); pip install playwright", allow_module_level=True)
 
 from aiohttp import web
+from support import FIXTURES
 
 from agent.audio import read_audio, write_wav
 from agent.call.factory import SessionFactory
@@ -38,7 +39,6 @@ from agent.config import load_settings
 from agent.models.manager import UnifiedModelManager
 from signaling.server import create_app
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MIC_RATE = 48_000
 CALL_TIMEOUT_S = 40
 

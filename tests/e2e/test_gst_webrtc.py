@@ -1,5 +1,5 @@
 """A call from an independent WebRTC stack: GStreamer's webrtcbin (libnice, OpenSSL DTLS
-with an RSA certificate), driven by tests/gst/webrtcbin_caller.py under Debian's
+with an RSA certificate), driven by tests/e2e/gst/webrtcbin_caller.py under Debian's
 /usr/bin/python3 (python3-gi). It asks one spoken question and must hear the reply."""
 
 import asyncio
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
+from support import FIXTURES
 
 from agent.call.factory import SessionFactory
 from signaling.server import create_app
@@ -16,7 +17,7 @@ from signaling.server import create_app
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 SYSTEM_PYTHON = "/usr/bin/python3"
 CALLER = Path(__file__).parent / "gst" / "webrtcbin_caller.py"
-QUESTION = Path(__file__).parent / "fixtures" / "question1.wav"
+QUESTION = FIXTURES / "question1.wav"
 APT = ("gstreamer1.0-plugins-bad gstreamer1.0-nice gstreamer1.0-plugins-good gstreamer1.0-plugins-base "
        "python3-gi gir1.2-gst-plugins-bad-1.0 gir1.2-gstreamer-1.0")
 

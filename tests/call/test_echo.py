@@ -12,13 +12,13 @@ agent even without the guard (one test still runs the tiny TTS through the line)
 
 import asyncio
 import fractions
-from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 from aiortc.codecs.g711 import PcmuDecoder, PcmuEncoder
 from aiortc.jitterbuffer import JitterFrame
+from support import FIXTURES
 
 from agent.audio import Resampler, read_audio
 from agent.call.echo import EchoGuard, _Timeline
@@ -28,7 +28,6 @@ from agent.call.vad import SpeechStarted, Utterance, VADSegmenter
 from agent.config import load_settings
 from signaling.headless import VirtualClock
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TICK = 0.02
 LINE_RATE = 8000
 STEP = 160  # 20 ms at 8 kHz

@@ -14,7 +14,6 @@ from agent.call.events import AgentInterrupted
 from agent.call.factory import SessionFactory
 from agent.call.outbound import OutboundAudio
 from agent.call.session import CallSession
-from agent.text import TextSegmenter
 from signaling.headless import VirtualClock, run_call
 
 FRAME = 320  # 20 ms at 16 kHz
@@ -22,15 +21,6 @@ FRAME = 320  # 20 ms at 16 kHz
 
 def silence(s):
     return np.zeros(int(16000 * s), dtype=np.int16)
-
-
-def test_text_segmenter_hands_over_the_first_clause_early():
-    seg = TextSegmenter(min_first_chars=12)
-    assert seg.push("Hi, the") == []  # "Hi," is shorter than 12 characters
-    assert seg.push(" weather today, I think") == ["Hi, the weather today,"]
-    assert seg.push(", is fine") == []  # after the first piece, whole sentences only
-    assert seg.push(". Anything else? Bye") == ["I think, is fine.", "Anything else?"]
-    assert seg.flush() == "Bye" and seg.flush() is None
 
 
 async def test_outbound_frames_backpressure_and_clear():
