@@ -79,7 +79,10 @@ async def run_call(sessions: SessionFactory, caller_16k: np.ndarray, caller_24k:
     try:
         while True:
             t = (i + 1) * PACKET_S
-            if i >= n_in and (not session.agent_busy or t > n_in * PACKET_S + TAIL_LIMIT_S):
+            # Past the input, silence follows: it ends a turn the recording stops in the
+            # middle of, then lets the answer play out.
+            waiting = session.agent_busy or session.vad.in_speech
+            if i >= n_in and (not waiting or t > n_in * PACKET_S + TAIL_LIMIT_S):
                 break
             if realtime or session.agent_busy:
                 await clock.sleep_until(t)

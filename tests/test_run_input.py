@@ -130,3 +130,15 @@ async def test_the_recording_in_memory_matches_the_written_one(models, tiny_sett
         written = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).reshape(-1, 2)
     assert np.array_equal(whole.recording, written)
     assert len(written) == max(len(caller_24k), 480 * (-(-len(caller_16k) // 320) + 1))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_recording_that_stops_as_the_caller_stops_is_answered(models, tiny_settings, speech):
+    """A recorded question trimmed right after its last word (as people trim them) ends
+    before the VAD's end-of-speech silence: the silence after the input ends that turn
+    rather than the run ending with "no speech found"."""
+    voiced = np.flatnonzero(np.abs(speech[0]) > 300)
+    question = speech[0][:voiced[-1] + 1]  # the recording ends on the last voiced sample
+    result = await run_call(SessionFactory(models), question, np.zeros(0, np.int16), tiny_settings, seed=5)
+    assert len(result.turns) == 1
+    assert result.turns[0].agent_start is not None and result.turns[0].agent_start > result.input_s - 0.05
