@@ -321,6 +321,8 @@ def _build(merged: dict[str, Any], profile: str, source: str) -> Settings:
             key = f"{section}.{f.name}"
             if f.name not in values:
                 raise ConfigError(f"setting {key} is missing from {source}")
+            # from __future__ import annotations: a dataclass field's type is its source text
+            assert isinstance(f.type, str)
             kwargs[f.name] = _check(key, f.type, values[f.name])
         sections[section] = cls(**kwargs)
     settings = Settings(profile=profile, **sections)
@@ -344,7 +346,7 @@ def _check(key: str, type_name: str, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"setting {key} must be {type_name.replace('tuple[str, ...]', 'a list of strings')}, got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"setting {key} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
+        raise ConfigError(f"setting {key} must be one of {', '.join(map(str, _CHOICES[key]))}; got {value!r}")
     if key in _RANGES:
         low, high = _RANGES[key]
         if value < low or (high is not None and value > high):

@@ -72,3 +72,11 @@ def test_unreadable_files(tmp_path):
     f.write_text("[orpheus\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(None, f, env={})
+
+
+@pytest.mark.parametrize("key", ["VOICE_AGENT_VAD__AGGRESSIVENESS", "VOICE_AGENT_VAD__FRAME_MS",
+                                 "VOICE_AGENT_SESSION__FRAME_MS"])
+def test_a_value_outside_numeric_choices_is_a_config_error(key):
+    """Choices that are numbers are listed in the message too (it used to raise TypeError)."""
+    with pytest.raises(ConfigError, match=r"must be one of .*\d, \d.*; got 5"):
+        load_settings("tiny", env={key: "5"})
