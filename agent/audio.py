@@ -75,6 +75,7 @@ class Resampler:
             self._input = (rate, channels)
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout=_LAYOUTS[channels])
         frame.sample_rate = rate
+        assert self._resampler is not None  # made above with the first format
         out = self._resampler.resample(frame)
         return np.concatenate([f.to_ndarray().reshape(-1) for f in out]) if out else np.zeros(0, np.int16)
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ import torch
 from agent.engine.batching import StepProfile
 from agent.models.snac import FRAME_S, FRAME_SAMPLES, StreamingSNACDecoder, decode_frames, rel_l2
 from agent.rates import IN_RATE, OUT_RATE
+
+if TYPE_CHECKING:
+    from agent.config import Settings
 
 
 class SimulatedClock:
@@ -26,7 +30,7 @@ class SimulatedClock:
         return self.now
 
 
-def bench_snac(snac, seconds: float = 10.0, token_rate: float = 150.0, max_frames_per_window: int = 16,
+def bench_snac(snac: Any, seconds: float = 10.0, token_rate: float = 150.0, max_frames_per_window: int = 16,
                seed: int = 0) -> dict:
     """Both streaming decoder modes on the same random codes (>= `seconds` of audio)."""
     n_frames = int(np.ceil(seconds / FRAME_S))
@@ -184,7 +188,7 @@ def _environment(models) -> dict:
                 models.tts.batcher is not None and models.tts.batcher.graphs is not None)}
 
 
-def bench_tts(settings, runs: int = 5, tokens: int = 700) -> dict:
+def bench_tts(settings: Settings, runs: int = 5, tokens: int = 700) -> dict:
     """One stream, side by side: transformers' generate, the single-stream path, and the
     batched engine: decode tokens/s and time to first audio (text in -> first audio out).
     The engine gets one slot, long enough for `tokens` after the prompt."""
@@ -260,7 +264,7 @@ async def _engine_level(tts, n: int, probes: int) -> dict:
 STREAM_LEVELS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
 
 
-def bench_streams(settings, levels: Sequence[int] | None = None, tokens: int = 700, probes: int = 5) -> dict:
+def bench_streams(settings: Settings, levels: Sequence[int] | None = None, tokens: int = 700, probes: int = 5) -> dict:
     """Concurrent streams, side by side: transformers' generate with all prompts in one
     batch, and the engine with n streams plus new replies arriving meanwhile. Stops at the
     first level where a stream falls below real time (82 tokens/s).
@@ -298,7 +302,7 @@ def bench_streams(settings, levels: Sequence[int] | None = None, tokens: int = 7
 REPLY_LEVELS = (1, 2, 4, 8)
 
 
-def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 32, history: int = 0) -> dict:
+def bench_replies(settings: Settings, levels: Sequence[int] | None = None, tokens: int = 32, history: int = 0) -> dict:
     """Voxtral replies to n callers at once, side by side: the single path (each reply its
     own forward passes, interleaved on the device thread) and the reply engine (one decode
     step for all): tokens/s per reply (min, p50), all replies together, and time to the
@@ -314,6 +318,8 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
     settings = settings.replace("engine", reply_slots=levels[-1])
     models = UnifiedModelManager(settings)
     models.load()
+    voxtral = models.voxtral
+    assert voxtral is not None  # load() with listen=True loads it
     t = np.arange(2 * IN_RATE) / IN_RATE
     audio = (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
     params = ReplyParams(settings.voxtral.temperature, settings.voxtral.top_p, tokens)
@@ -323,10 +329,10 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
         device = models.device_thread
         t0 = time.perf_counter()
         if batched:
-            prompt = await asyncio.to_thread(models.voxtral.reply_prompt, audio, [], "")
+            prompt = await asyncio.to_thread(voxtral.reply_prompt, audio, [], "")
             stream = await device.run(models.open_reply, prompt, params, seed, asyncio.get_running_loop())
         else:
-            stream = await device.run(lambda: models.voxtral.reply_stream(audio, [], "", params, seed, device_thread=device))
+            stream = await device.run(lambda: voxtral.reply_stream(audio, [], "", params, seed, device_thread=device))
         times = []
         try:
             while await stream.next_piece() is not None:
@@ -350,12 +356,12 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
         device, loop = models.device_thread, asyncio.get_running_loop()
         busy, t0 = device.busy_s, time.perf_counter()
         if cached:
-            prompt = await asyncio.to_thread(models.voxtral.reply_prompt, audio, turns, "")
+            prompt = await asyncio.to_thread(voxtral.reply_prompt, audio, turns, "")
             stream = await device.run(models.open_reply, prompt, params, seed, loop)
         else:
             fresh = [ChatTurn(t.role, t.audio.samples if t.audio is not None else None, t.text) for t in turns]
             stream = await device.run(
-                lambda: models.open_reply(models.voxtral.reply_prompt(audio, fresh, ""), params, seed, loop))
+                lambda: models.open_reply(voxtral.reply_prompt(audio, fresh, ""), params, seed, loop))
         try:
             await stream.next_piece()
             first = time.perf_counter() - t0
@@ -370,8 +376,8 @@ def bench_replies(settings, levels: Sequence[int] | None = None, tokens: int = 3
         turns = []
         for i in range(n):  # each remembered turn was encoded once, by its own reply
             heard = TurnAudio(np.roll(audio, 1000 * (i + 1)))
-            await asyncio.to_thread(models.voxtral.reply_prompt, heard, [], "")
-            await models.device_thread.run(models.voxtral.encode, heard)
+            await asyncio.to_thread(voxtral.reply_prompt, heard, [], "")
+            await models.device_thread.run(voxtral.encode, heard)
             turns += [ChatTurn("user", audio=heard), ChatTurn("assistant", text="Sure, I can help with that.")]
         times: dict[str, list] = {"uncached": [], "cached": []}
         await after_history(turns, True, 0)  # warm-up

@@ -26,6 +26,7 @@ from agent.errors import ConfigError, InputError, VoiceAgentError
 
 if TYPE_CHECKING:
     from agent.call.factory import SessionFactory
+    from agent.models.monitor import RequestMetrics
 
 log = logging.getLogger("voice-agent")
 
@@ -198,11 +199,12 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
         torch.manual_seed(args.seed)  # SNAC's decoder noise draws from the global generator
     models = UnifiedModelManager(settings)
     chunks: list[np.ndarray] = []
-    metrics = None
+    metrics: RequestMetrics | None = None
 
     async def run() -> None:
         nonlocal metrics
         service = models.tts
+        assert service is not None  # models.load() ran first
         metrics = service.monitor.start(args.voice or settings.tts.default_voice, args.text)
         async for chunk in service.synthesize(args.text, args.voice, args.seed, metrics):
             if to_stdout:
@@ -224,6 +226,7 @@ def cmd_say(args: argparse.Namespace, settings: Settings) -> int:
         write_wav(args.output, audio, OUT_RATE)
         log.info("wrote %.2f s of audio to %s", len(audio) / OUT_RATE, args.output)
     if args.json:
+        assert metrics is not None  # set by run()
         print(json.dumps(metrics.to_dict()))
     return 0
 
@@ -416,15 +419,17 @@ def cmd_bench_webrtc(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench_sip(args: argparse.Namespace, settings: Settings) -> int:
     from signaling.bench import bench_sip
+    from signaling.sip.rtp import RATE as G711_RATE
 
     if args.turns < 1:
         raise InputError("--turns must be at least 1")
-    return _bench_call(args, settings, 8000, lambda sessions, speech: bench_sip(sessions, settings, speech, args.turns))
+    return _bench_call(args, settings, G711_RATE, lambda sessions, speech: bench_sip(sessions, settings, speech, args.turns))
 
 
 def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
     from agent.audio import read_audio
     from agent.bench import FIXTURES
+    from signaling.sip.rtp import RATE as G711_RATE
     from signaling.soak import bench_soak
     from signaling.webrtc.loopback import CALLER_RATE
 
@@ -440,7 +445,7 @@ def cmd_bench_soak(args: argparse.Namespace, settings: Settings) -> int:
               f"{sample['fds']} fds", file=sys.stderr, flush=True)
 
     result = asyncio.run(bench_soak(server_args, args.transport, args.calls, warmup, read_audio(question, CALLER_RATE),
-                                    read_audio(question, 8000), progress))
+                                    read_audio(question, G711_RATE), progress))
     result.update(profile=settings.profile)
     print(json.dumps(result) if args.json else {k: v for k, v in result.items() if k != "samples"})
     return 0

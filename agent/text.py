@@ -37,7 +37,7 @@ class TextSegmenter:
 
     def push(self, text: str) -> list[str]:
         self.buffer += text
-        out = []
+        out: list[str] = []
         while True:
             pattern = CLAUSE_END if self.first else SENTENCE_END
             least = self.min_first_chars if self.first else 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import aiohttp
 import numpy as np
@@ -20,13 +22,13 @@ from signaling.webrtc.loopback import Caller
 PACING_LIMIT_MS = 5.0
 
 
-def interval_errors_ms(sent_at, since: float) -> list[float]:
+def interval_errors_ms(sent_at: Iterable[float], since: float) -> list[float]:
     """|interval - 20 ms| between consecutive frames sent after `since`."""
     times = np.array([t for t in sent_at if t >= since])
     return list(np.abs(np.diff(times) - 0.02) * 1000) if len(times) > 1 else []
 
 
-def pct(values, q) -> float | None:
+def pct(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if len(values) else None
 
 
@@ -37,7 +39,7 @@ async def bench_webrtc(sessions: SessionFactory, settings: Settings, speech: lis
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = cast(asyncio.Server, site._server).sockets[0].getsockname()[1]  # start() made it: loop.create_server
     base = f"http://127.0.0.1:{port}"
     app = runner.app
     result: dict = {}
@@ -46,12 +48,13 @@ async def bench_webrtc(sessions: SessionFactory, settings: Settings, speech: lis
             # 1. End of caller speech -> first reply audio heard, and pacing during speech.
             caller = Caller(base)
             await caller.dial(http)
-            latencies = []
+            latencies: list[float] = []
             started = time.monotonic()
             for i in range(turns):
                 caller.mic.say(speech[i % len(speech)], pause_s=0.5)
                 await caller.wait_for(lambda: caller.mic.speech_end is not None
                                       and caller.loud_since(caller.mic.speech_end), timeout=60)
+                assert caller.mic.speech_end is not None  # waited for
                 latencies.append((caller.loud_since(caller.mic.speech_end)[0] - caller.mic.speech_end) * 1000)
                 # Let the reply finish before the next question (no barge-in here).
                 await caller.wait_for(lambda: not caller.loud_since(time.monotonic() - 1.0), timeout=60)
@@ -66,16 +69,17 @@ async def bench_webrtc(sessions: SessionFactory, settings: Settings, speech: lis
             # 2. How many calls at once keep pacing within PACING_LIMIT_MS at p99. The callers
             # run in another process, as real ones would, and stay silent: this measures the
             # media path (Opus, SRTP, pacing), not speech generation.
-            levels = []
+            levels: list[dict[str, Any]] = []
+            live = app[CALLS]  # call id -> WebRTCCall, the server's own (updated as calls come and go)
             n = 1
             while n <= max_level:
-                before = set(app[CALLS])
+                before = set(live)
                 load = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "signaling.webrtc.loopback", base, str(n), str(level_s + 2.0))
                 deadline = time.monotonic() + 30
-                while len(set(app[CALLS]) - before) < n and time.monotonic() < deadline:
+                while len(set(live) - before) < n and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)
-                calls = [app[CALLS][i] for i in set(app[CALLS]) - before]
+                calls = [live[i] for i in set(live) - before]
                 t0 = time.monotonic()
                 await asyncio.sleep(level_s)
                 errs = [e for call in calls for e in interval_errors_ms(call.track.sent_at, t0 + 0.5)]
@@ -121,6 +125,7 @@ async def bench_sip(sessions: SessionFactory, settings: Settings, speech_8k: lis
             while phone.loud_since(time.monotonic() - 1.0):
                 await asyncio.sleep(0.1)  # let the reply finish
         call = server.calls[phone.call_id]
+        assert call.rtp is not None and phone.codec is not None  # the call was answered: media running
         errors = interval_errors_ms(call.rtp.sent_at, started + 1.0)
         result = {
             "reply_latency_ms": {"p50": pct(latencies, 50), "p95": pct(latencies, 95),

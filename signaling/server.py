@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -38,6 +38,9 @@ from agent.call.factory import SessionFactory
 from agent.config import Settings
 from signaling.slots import CallSlots
 from signaling.webrtc.call import BadOffer, WebRTCCall
+
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -126,7 +129,7 @@ def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """aiohttp's own errors (404, 405, 413) as JSON too; anything unexpected is a 500."""
     try:
         return await handler(request)
@@ -398,9 +401,11 @@ def serve(sessions: SessionFactory, load: Callable[[], None], settings: Settings
     sip = SipServer(sessions, settings, host, sip_port, slots=app[SLOTS]) if sip_port else None
 
     async def start_sip(app: web.Application) -> None:
+        assert sip is not None  # registered only with a SIP port
         await sip.start()
 
     async def stop_sip(app: web.Application) -> None:
+        assert sip is not None  # registered only with a SIP port
         await sip.close()
 
     if sip is not None:

@@ -17,6 +17,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -77,6 +79,7 @@ class Server:
             return await r.json()
 
     def sample(self) -> dict:
+        assert self.process is not None  # start() ran
         p = psutil.Process(self.process.pid)
         return {"rss_mib": round(p.memory_info().rss / 2**20, 2), "threads": p.num_threads(),
                 "fds": p.num_fds()}
@@ -126,7 +129,8 @@ async def sip_call(server: Server, number: int, question_8k: np.ndarray) -> None
 
 
 async def bench_soak(cli_args: list[str], transport: str, calls: int, warmup: int,
-                     question_16k: np.ndarray, question_8k: np.ndarray, progress=None) -> dict:
+                     question_16k: np.ndarray, question_8k: np.ndarray,
+                     progress: Callable[[dict], None] | None = None) -> dict:
     """Run `calls` calls through a fresh server started with `cli_args` and report what
     stays behind per call after the first `warmup`."""
     logging.getLogger("aioice").setLevel(logging.WARNING)  # the callers' ICE steps, every call
@@ -151,7 +155,7 @@ async def bench_soak(cli_args: list[str], transport: str, calls: int, warmup: in
         finally:
             await server.stop()
     after = samples[warmup:]
-    result = {
+    result: dict[str, Any] = {
         "transport": transport, "calls": calls, "warmup_calls": warmup,
         "after_warmup": {
             "rss_mib_per_call": round(per_call([s["rss_mib"] for s in after]), 4),

@@ -229,6 +229,7 @@ class EchoGuard:
 
     def _cancel(self, p: int, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = self.frame
+        assert self.delay is not None  # called only once the delay is known
         x = self._ref.read(p - (self.delay - self._pre) - n, 2 * n)  # the previous and this block
         spectrum = np.fft.rfft(x)
         echo = np.fft.irfft(spectrum * self._w, 2 * n)[n:]  # overlap-save: the linear part

@@ -165,9 +165,9 @@ class TurnRecord:
 def summarize_turns(latencies: list[dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
     """p50 / p95 of each stage of the per-turn latency breakdowns of one call."""
     stages = sorted({k for d in latencies for k in d})
-    out = {}
+    out: dict[str, dict[str, float | None]] = {}
     for stage in stages:
-        values = [d[stage] for d in latencies if d.get(stage) is not None]
+        values = [v for d in latencies if (v := d.get(stage)) is not None]
         out[stage] = ({"p50": round(float(np.percentile(values, 50)), 2),
                        "p95": round(float(np.percentile(values, 95)), 2)} if values
                       else {"p50": None, "p95": None})

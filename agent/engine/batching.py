@@ -219,6 +219,7 @@ class SlotBatcher:
             if free is None or last is None or last < free:
                 return
             stream = self.slots[last]
+            assert stream is not None  # `last` is an occupied slot
             self.llama.move(last, free, stream.context_len)
             self._on_move(last, free)
             self.slots[free], self.slots[last] = stream, None

@@ -121,7 +121,9 @@ class InProcessModel:
     cancelled generation really stopped."""
 
     def __init__(self, model: torch.nn.Module, source: str) -> None:
-        self.model = model
+        # Any: a transformers model, whose submodules and config nn.Module types as
+        # Tensor | Module; unload() sets it to None.
+        self.model: Any = model
         self.source = source
         self.forward_calls = 0
         self._lock = threading.Lock()
@@ -148,12 +150,12 @@ def load_failure(what: str, source: str, e: BaseException) -> ModelInitializatio
         "To run without downloaded weights, use --profile tiny.")
 
 
-def head_dim(config) -> int:
+def head_dim(config: Any) -> int:
     """A Llama config's attention head size (hidden / heads unless the config says)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def estimate_llama_bytes(config, dtype: torch.dtype) -> int:
+def estimate_llama_bytes(config: Any, dtype: torch.dtype) -> int:
     """Bytes of a Llama model's weights, from its config alone (nothing is loaded)."""
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -36,8 +37,10 @@ class StaticLlama:
     LENGTH_STEP = 64  # eager steps attend over the longest context rounded up to this
 
     def __init__(self, decoder: torch.nn.Module, head: torch.Tensor, slots: int, max_len: int) -> None:
-        cfg = decoder.config
-        self.decoder = decoder  # a LlamaModel: embed_tokens, layers, norm, rotary_emb
+        # nn.Module types its submodules and attributes as Tensor | Module; they are a
+        # LlamaModel's: embed_tokens, layers, norm, rotary_emb, and a LlamaConfig.
+        cfg: Any = decoder.config
+        self.decoder: Any = decoder
         self.head = head
         self.slots = slots
         self.max_len = max_len
@@ -51,7 +54,7 @@ class StaticLlama:
         self._keys = torch.arange(max_len, device=self.device)
 
     @staticmethod
-    def cache_bytes(config, slots: int, max_len: int, dtype: torch.dtype) -> int:
+    def cache_bytes(config: Any, slots: int, max_len: int, dtype: torch.dtype) -> int:
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config)
         return per_token * slots * max_len * torch.finfo(dtype).bits // 8
 
@@ -186,6 +189,7 @@ class GraphedDecode:
     def _capture(self, b: int, length: int, pool) -> Callable[[], torch.Tensor]:
         tokens, positions = self._tokens[:b], self._positions[:b]
         side = self._side
+        assert side is not None  # made in __init__ when capturing
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: allocator and kernel selection settle outside the graph

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +25,8 @@ from agent.models.memory import GPUMemoryManager, dtype_bytes, graph_pool_bytes,
 from agent.models.tiny import model_config, resolve_source
 
 if TYPE_CHECKING:
-    from agent.models.voxtral import BatchedReply, ChatTurn, ReplyParams, ReplyPrompt, TextStream, TurnAudio
+    from agent.models.tts import TTSServiceDirect
+    from agent.models.voxtral import BatchedReply, ChatTurn, ReplyBatcher, ReplyParams, ReplyPrompt, TextStream, TurnAudio, VoxtralModel
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ class UnifiedModelManager:
         self.dtype = resolve_dtype(settings.device.dtype, self.device)
         self.memory = GPUMemoryManager(self.device, settings.device.headroom_gb)
         self.device_thread = DeviceThread()
-        self.voxtral = None
-        self.replies = None  # ReplyBatcher ("batched" engine mode)
-        self.tts = None
+        self.voxtral: VoxtralModel | None = None
+        self.replies: ReplyBatcher | None = None  # "batched" engine mode
+        self.tts: TTSServiceDirect | None = None
         self.memory_by_model: dict[str, float] = {}  # MiB allocated by each model (GPU)
 
     @classmethod
@@ -166,14 +167,16 @@ class UnifiedModelManager:
 
     def validate_voice(self, voice: str | None) -> str:
         """The voice to speak with (the default for None); InputError for an unknown one."""
+        assert self.tts is not None, "the models are not loaded"
         return self.tts.validate_voice(voice)
 
     async def reply(self, audio: TurnAudio, history: list[ChatTurn], instructions: str, instructions_first: bool,
-                    params: ReplyParams, seed: int) -> AsyncIterator[str]:
+                    params: ReplyParams, seed: int) -> AsyncGenerator[str, None]:
         """Voxtral's reply to the caller's new turn `audio` after `history`, piece by piece
         as it is decoded. Close it (contextlib.aclosing) to stop the reply early."""
         # The prompt (tokens, the new audio's features) is CPU work: it is built in a worker
         # thread, so the device thread keeps every call's speech going meanwhile.
+        assert self.voxtral is not None, "Voxtral is not loaded"
         prompt = await asyncio.to_thread(self.voxtral.reply_prompt, audio, history, instructions, instructions_first)
         stream = await self.device_thread.open(self.open_reply, prompt, params, seed, asyncio.get_running_loop())
         try:
@@ -182,12 +185,13 @@ class UnifiedModelManager:
         finally:
             stream.close()
 
-    def speak(self, text: str, voice: str, seed: int) -> AsyncIterator[np.ndarray]:
+    def speak(self, text: str, voice: str, seed: int) -> AsyncGenerator[np.ndarray, None]:
         """`text` spoken: 24 kHz mono int16 chunks as they are decoded (TTSServiceDirect.synthesize)."""
+        assert self.tts is not None, "the models are not loaded"
         return self.tts.synthesize(text, voice, seed)
 
     def open_reply(self, prompt: ReplyPrompt, params: ReplyParams, seed: int,
-                   loop: asyncio.AbstractEventLoop | None) -> BatchedReply | TextStream:
+                   loop: asyncio.AbstractEventLoop) -> BatchedReply | TextStream:
         """Start Voxtral's reply to a prompt from VoxtralModel.reply_prompt (on the device
         thread): a BatchedReply where the reply engine has room for the prompt and the
         longest reply, else a TextStream (the single path). The event loop reads either
@@ -198,6 +202,7 @@ class UnifiedModelManager:
                 return self.replies.admit(prompt, params, seed, loop)
             log.info("a prompt of %d tokens leaves no room for a reply in engine.reply_max_seq_len (%d): "
                      "answered by the single path", length, self.settings.engine.reply_max_seq_len)
+        assert self.voxtral is not None, "Voxtral is not loaded"
         return self.voxtral.text_stream(prompt, params, seed, self.device_thread)
 
     def _with_fp32_fallback(self, load: Callable[[torch.dtype], Any],
@@ -275,7 +280,7 @@ def _engine_parts(config, dtype: torch.dtype, device: torch.device, slots: int, 
     return parts
 
 
-def speech_engine_parts(config, dtype: torch.dtype, settings: Settings, device: torch.device) -> list[tuple[str, int]]:
+def speech_engine_parts(config: Any, dtype: torch.dtype, settings: Settings, device: torch.device) -> list[tuple[str, int]]:
     """The speech engine: KV cache, a prefill chunk's transient, CUDA graphs, and its
     copy of the head's audio rows (28,673 of Orpheus's 156,940)."""
     from agent.models.orpheus import AUDIO_IDS
@@ -288,7 +293,7 @@ def speech_engine_parts(config, dtype: torch.dtype, settings: Settings, device: 
         ("speech engine's audio head", rows * config.hidden_size * dtype_bytes(dtype))]
 
 
-def reply_engine_parts(config, dtype: torch.dtype, settings: Settings, device: torch.device) -> list[tuple[str, int]]:
+def reply_engine_parts(config: Any, dtype: torch.dtype, settings: Settings, device: torch.device) -> list[tuple[str, int]]:
     """The reply engine (Voxtral's language model, `config` its text config): KV cache,
     a whole prompt's prefill (prompts are fed whole, up to the slot's length) and CUDA graphs."""
     e = settings.engine

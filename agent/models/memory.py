@@ -82,7 +82,7 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def prefill_transient_bytes(config, positions: int, keys: int, dtype: torch.dtype) -> int:
+def prefill_transient_bytes(config: Any, positions: int, keys: int, dtype: torch.dtype) -> int:
     """Peak memory, beyond weights and cache, of one StaticLlama forward pass of
     `positions` prompt positions attending over `keys` keys (agent/engine/llama.py).
 
@@ -99,7 +99,7 @@ def prefill_transient_bytes(config, positions: int, keys: int, dtype: torch.dtyp
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # per stream cuBLAS runs on (PyTorch's default on Hopper)
 
 
-def graph_pool_bytes(config, head_rows: int, batch_sizes: list[int], lengths: list[int],
+def graph_pool_bytes(config: Any, head_rows: int, batch_sizes: list[int], lengths: list[int],
                      dtype: torch.dtype) -> int:
     """Memory the CUDA graphs of GraphedDecode keep (engine.cuda_graphs): every captured
     (batch, length) bucket keeps its logits output (batch x head rows); their
@@ -123,9 +123,9 @@ class GPUMemoryManager:
                  mem_get_info: Callable[[], tuple[int, int]] | None = None) -> None:
         self.device = device
         self.headroom_bytes = int(headroom_gb * GIB)
-        self._mem_get_info = mem_get_info
-        if self._mem_get_info is None:
-            self._mem_get_info = (lambda: torch.cuda.mem_get_info(device)) if device.type == "cuda" else available_ram
+        if mem_get_info is None:
+            mem_get_info = (lambda: torch.cuda.mem_get_info(device)) if device.type == "cuda" else available_ram
+        self._mem_get_info: Callable[[], tuple[int, int]] = mem_get_info
         self.loaded: dict[str, int] = {}
 
     def check(self, name: str, needed_bytes: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -216,7 +217,7 @@ class TokenStream(CachedGeneration):
 class OrpheusDirectModel(InProcessModel):
     """The Orpheus language model and its tokenizer, loaded in-process with transformers."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, source: str) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, source: str) -> None:
         super().__init__(model, source)
         self.tokenizer = tokenizer
 
@@ -241,11 +242,12 @@ class OrpheusDirectModel(InProcessModel):
         return cls.ready(model, tokenizer, source, device)
 
     @classmethod
-    def ready(cls, model: torch.nn.Module, tokenizer, source: str, device: torch.device) -> OrpheusDirectModel:
+    def ready(cls, model: torch.nn.Module, tokenizer: Any, source: str, device: torch.device) -> OrpheusDirectModel:
         """A loaded (or built) Orpheus, checked and on its device."""
-        if getattr(model.config, "vocab_size", 0) < VOCAB_SIZE:
+        config: Any = model.config  # a LlamaConfig (nn.Module types attributes as Tensor | Module)
+        if getattr(config, "vocab_size", 0) < VOCAB_SIZE:
             raise ModelInitializationError(
-                f"model {source!r} has vocab_size {model.config.vocab_size}, not Orpheus's {VOCAB_SIZE}")
+                f"model {source!r} has vocab_size {config.vocab_size}, not Orpheus's {VOCAB_SIZE}")
         model.to(device).eval()
         return cls(model, tokenizer, source)
 
@@ -260,7 +262,7 @@ class OrpheusDirectModel(InProcessModel):
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> TokenStream:
         return TokenStream(self, prompt_ids, params, seed)
 
-    def forward(self, input_ids: torch.Tensor, cache):
+    def forward(self, input_ids: torch.Tensor, cache: Any) -> Any:
         return self._forward_cached(cache, input_ids=input_ids)
 
     def unload(self) -> None:

@@ -17,11 +17,14 @@ import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Settings
 from agent.engine.generation import first_line
 from agent.errors import ModelInitializationError
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class Hub:
         if self.token is None:
             self.token = get_token()
 
-    def api(self):
+    def api(self) -> HfApi:
         from huggingface_hub import HfApi
 
         return HfApi(endpoint=self.endpoint, token=self.token or False)
@@ -242,6 +245,7 @@ def _hub_problem(check: ModelCheck, hub: Hub, error: BaseException | None) -> tu
     if hub.offline or isinstance(error, OfflineModeIsEnabled):
         return "offline", ("is not fully in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run "
                            "`voice-agent models --download` where the Hub is reachable")
+    assert error is not None  # _check_hub passes None only when offline, answered above
     if isinstance(error, GatedRepoError):
         if not hub.token:
             return "gated", f"is gated: accept its licence at {page} and {login}"

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ SNAC_24KHZ_CONFIG = {
 
 
 def load_snac(source: str, device: torch.device, noise: bool = True,
-              check_memory: Callable[[str, int], None] | None = None):
+              check_memory: Callable[[str, int], None] | None = None) -> torch.nn.Module:
     """Load SNAC from a Hub id or a local directory (config.json + pytorch_model.bin)."""
     from snac import SNAC
 
@@ -78,7 +79,7 @@ def frames_to_codes(frames: Sequence[Sequence[int]], device: torch.device) -> li
 
 
 @torch.inference_mode()
-def decode_frames(snac, frames: Sequence[Sequence[int]]) -> np.ndarray:
+def decode_frames(snac: Any, frames: Sequence[Sequence[int]]) -> np.ndarray:
     """One-shot decode of whole frames to float32 samples in [-1, 1]."""
     if not frames:
         return np.zeros(0, dtype=np.float32)
@@ -92,7 +93,7 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     n = max(len(a), len(b))
     a = np.pad(a, (0, n - len(a)))
     b = np.pad(b, (0, n - len(b)))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+    return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
 
 
 class StreamingSNACDecoder:
@@ -121,7 +122,7 @@ class StreamingSNACDecoder:
     RIGHT = 2
     FIRST_CHUNK_FRAMES = 2
 
-    def __init__(self, snac, mode: str = "default", max_frames_per_window: int = 16,
+    def __init__(self, snac: Any, mode: str = "default", max_frames_per_window: int = 16,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if mode not in ("default", "baseline"):
             raise ValueError(f"unknown decoder mode {mode!r}")
@@ -246,7 +247,7 @@ class Window:
 
 
 @torch.inference_mode()
-def decode_batch(snac, jobs: Sequence[tuple[StreamingSNACDecoder, Window]], pad_left: bool = False) -> list[np.ndarray]:
+def decode_batch(snac: Any, jobs: Sequence[tuple[StreamingSNACDecoder, Window]], pad_left: bool = False) -> list[np.ndarray]:
     """Decode many streams' windows with one SNAC call per window length (SNAC decodes
     a batch of equally long code sequences); returns each job's emitted audio.
 

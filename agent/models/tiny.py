@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +24,16 @@ from agent.models.orpheus import BOS, END_OF_SPEECH, VOCAB_SIZE, OrpheusDirectMo
 from agent.models.snac import SNAC_24KHZ_CONFIG
 from agent.models.voxtral import VoxtralModel, estimate_voxtral_bytes
 from agent.rates import IN_RATE
+
+if TYPE_CHECKING:
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PretrainedConfig,
+        PreTrainedTokenizerFast,
+        VoxtralConfig,
+        VoxtralForConditionalGeneration,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +92,7 @@ def llama3_tokenizer_file() -> Path:
     return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 
 
-def build_orpheus_tokenizer():
+def build_orpheus_tokenizer() -> PreTrainedTokenizerFast:
     """The Llama 3 BPE (from llama-models) plus Orpheus's <custom_token_N> ids."""
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
@@ -134,7 +145,7 @@ def _save_tiny_snac(path: Path) -> None:
 RANDOM_ORPHEUS_3B = "random:orpheus-3b"
 
 
-def orpheus_3b_config():
+def orpheus_3b_config() -> LlamaConfig:
     """canopylabs/orpheus-3b-0.1-ft's architecture (Llama 3.2 3B with Orpheus's vocabulary).
     Its output head is its own matrix, not tied to the embeddings (3.78 B parameters, 7.0
     GiB in bf16), so the random model takes the real one's memory."""
@@ -149,7 +160,7 @@ def orpheus_3b_config():
     )
 
 
-def random_llama(config, device: torch.device, dtype: torch.dtype):
+def random_llama(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
     """A LlamaForCausalLM with random weights made directly on `device` in `dtype` (a 3B
     model in seconds on a GPU; nothing is downloaded or written). Same compute as the
     trained model; the audio is noise."""
@@ -225,7 +236,7 @@ def write_voxtral_tekken(target: Path) -> Path:
     return target
 
 
-def tiny_voxtral_config(vocab_size: int = 131072):
+def tiny_voxtral_config(vocab_size: int = 131072) -> VoxtralConfig:
     from transformers import VoxtralConfig
 
     text = dict(
@@ -250,13 +261,13 @@ def tiny_voxtral_config(vocab_size: int = 131072):
 RANDOM_VOXTRAL_MINI = "random:voxtral-mini"
 
 
-def voxtral_mini_config():
+def voxtral_mini_config() -> VoxtralConfig:
     from transformers import VoxtralConfig
 
     return VoxtralConfig(audio_token_id=VOXTRAL_AUDIO_TOKEN)
 
 
-def random_voxtral(config, device: torch.device, dtype: torch.dtype):
+def random_voxtral(config: Any, device: torch.device, dtype: torch.dtype) -> VoxtralForConditionalGeneration:
     """A VoxtralForConditionalGeneration with random weights made on `device` (see
     random_llama): Voxtral's compute for benchmarks, with no download."""
     from transformers import VoxtralForConditionalGeneration
@@ -270,7 +281,13 @@ def random_voxtral(config, device: torch.device, dtype: torch.dtype):
 
 
 def _save_tiny_voxtral(path: Path) -> None:
-    from transformers import MistralCommonBackend, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
+    # transformers exports MistralCommonBackend lazily only; its TYPE_CHECKING imports leave it out.
+    from transformers import (  # type: ignore[attr-defined]
+        MistralCommonBackend,
+        VoxtralForConditionalGeneration,
+        VoxtralProcessor,
+        WhisperFeatureExtractor,
+    )
 
     tokenizer = MistralCommonBackend(tokenizer_path=write_voxtral_tekken(path / "tekken.json"))
     # Voxtral's preprocessor_config.json: 128 mel bins, 30 s windows.
@@ -294,7 +311,7 @@ def resolve_source(name: str, kind: str) -> str:
     return str(build[kind]())
 
 
-def model_config(source: str):
+def model_config(source: str) -> PretrainedConfig:
     """A model's config without its weights: config.json, or the random profiles' own."""
     from transformers import AutoConfig
 

@@ -15,7 +15,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from agent.models.orpheus import (
     sample_streams,
     stream_generator,
 )
-from agent.models.snac import StreamingSNACDecoder, decode_batch, to_int16
+from agent.models.snac import StreamingSNACDecoder, Window, decode_batch, to_int16
 from agent.text import split_sentences
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def sentence_chars(settings: Settings) -> int:
 def audio_head(model: torch.nn.Module) -> torch.Tensor:
     """The rows of Orpheus's head that its sampler reads: the 7 x 4096 audio ids, then
     end_of_speech (orpheus.audio_block's layout)."""
-    weight = model.lm_head.weight
+    lm_head: Any = model.lm_head  # an nn.Linear (nn.Module types attributes as Tensor | Module)
+    weight = lm_head.weight
     return torch.cat([weight[AUDIO_BASE:AUDIO_BASE + AUDIO_IDS], weight[END_OF_SPEECH:END_OF_SPEECH + 1]]).contiguous()
 
 
@@ -91,7 +93,7 @@ class SpeechBatcher(SlotBatcher):
     listeners put off their windows, so the first audio of a new reply comes first.
     """
 
-    def __init__(self, orpheus, snac, max_streams: int, max_seq_len: int, prefill_chunk: int,
+    def __init__(self, orpheus: OrpheusDirectModel, snac: Any, max_streams: int, max_seq_len: int, prefill_chunk: int,
                  defer_lead_s: float, snac_mode: str, max_frames_per_window: int, cuda_graphs: bool) -> None:
         llama = StaticLlama(orpheus.model.model, audio_head(orpheus.model), max_streams, max_seq_len)
         super().__init__(llama, prefill_chunk, cuda_graphs)
@@ -150,7 +152,7 @@ class SpeechBatcher(SlotBatcher):
         jobs = [(s.decoder, w) for s, w in windows]
         audio = decode_batch(self.snac, jobs, self.pad_snac_windows) if jobs else []
         if self.profile is not None:
-            decoded = [s.decoder.last_window for s, _ in windows]
+            decoded = [cast(Window, s.decoder.last_window) for s, _ in windows]  # decode_batch set them
             self.profile.snac_calls += len({w.frames for w in decoded})  # one call per window length
             self.profile.snac_frames += sum(w.frames for w in decoded)
         self._mark("snac")
@@ -218,7 +220,7 @@ class SpeechStream:
 class TTSServiceDirect:
     """Streaming speech from the in-process Orpheus and SNAC models."""
 
-    def __init__(self, orpheus: OrpheusDirectModel, snac, settings: Settings,
+    def __init__(self, orpheus: OrpheusDirectModel, snac: Any, settings: Settings,
                  monitor: PerformanceMonitor | None = None,
                  memory: GPUMemoryManager | None = None,
                  device_thread: DeviceThread | None = None,
@@ -255,7 +257,7 @@ class TTSServiceDirect:
     # -- synthesis --------------------------------------------------------------
 
     async def synthesize(self, text: str, voice: str | None = None, seed: int | None = None,
-                         metrics: RequestMetrics | None = None) -> AsyncIterator[np.ndarray]:
+                         metrics: RequestMetrics | None = None) -> AsyncGenerator[np.ndarray, None]:
         """Yield 24 kHz mono int16 chunks as they are decoded, sentence by sentence.
 
         Raises InputError for empty text or an unknown voice (before any work), and
@@ -305,7 +307,7 @@ class TTSServiceDirect:
             f"speech generation failed after {len(voices) * (cfg.max_retries + 1)} attempts "
             f"(voices: {', '.join(voices)}): {last_error}")
 
-    async def _speak(self, sentence: str, voice: str, seed: int, m: RequestMetrics) -> AsyncIterator[np.ndarray]:
+    async def _speak(self, sentence: str, voice: str, seed: int, m: RequestMetrics) -> AsyncGenerator[np.ndarray, None]:
         params = self.sampling_params()
         # Tokenizing the prompt is model work too: it runs on the device thread.
         stream = await self.device_thread.open(self.open_stream, sentence, voice, seed, params,
@@ -338,7 +340,9 @@ class TTSServiceDirect:
         """Start speaking a sentence (on the device thread): a stream of the batcher when
         there is one (its audio goes to `loop`), else a single stream."""
         prompt = self.orpheus.prompt_ids(voice, sentence)
+        stream: SpeechStream | BatchedStream
         if self.batcher is not None:
+            assert loop is not None  # _speak passes its loop, for the batcher's audio
             stream = self.batcher.admit(prompt, params, seed, loop)
             self.active.add(stream)
             return stream

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
@@ -159,7 +159,7 @@ class TextStream(CachedGeneration):
 class VoxtralModel(InProcessModel):
     """Voxtral and its processor, loaded in-process with transformers."""
 
-    def __init__(self, model: torch.nn.Module, processor, source: str) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any, source: str) -> None:
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
         super().__init__(model, source)
@@ -193,7 +193,7 @@ class VoxtralModel(InProcessModel):
         return cls.ready(model, processor, source, device)
 
     @classmethod
-    def ready(cls, model: torch.nn.Module, processor, source: str, device: torch.device) -> VoxtralModel:
+    def ready(cls, model: torch.nn.Module, processor: Any, source: str, device: torch.device) -> VoxtralModel:
         """A loaded (or built) Voxtral on its device."""
         model.to(device).eval()
         return cls(model, processor, source)
@@ -227,7 +227,9 @@ class VoxtralModel(InProcessModel):
             raise InputError(f"cannot build the Voxtral prompt: {first_line(e)}") from e
         finally:
             forget_parsed_urls()
-        spoken = tuple(t.audio for t in [*turns, ChatTurn("user", audio)] if t.role == "user" and t.audio is not None)
+        # Every audio here is a TurnAudio: _turn_audio made the history's, and `audio` is one.
+        spoken = tuple(cast(TurnAudio, t.audio) for t in [*turns, ChatTurn("user", audio)]
+                       if t.role == "user" and t.audio is not None)
         for turn, samples in zip(spoken, encoded["audio"], strict=True):  # as the tokenizer padded them
             if turn.pending:
                 turn.features = self._features(samples)
@@ -246,6 +248,7 @@ class VoxtralModel(InProcessModel):
         """The turn's [AUDIO] embeddings (on the device thread): the encoder runs the first
         time only."""
         if audio.embeddings is None:
+            assert audio.features is not None  # reply_prompt made them; only the embeddings replace them
             features = audio.features.to(self.device, self.dtype)  # reply_prompt made them
             out = self.model.model.get_audio_features(features, return_dict=True).pooler_output
             audio.embeddings = out.reshape(-1, out.shape[-1])
@@ -317,7 +320,7 @@ class VoxtralModel(InProcessModel):
                 raise InputError(f"unknown chat role {turn.role!r} (use 'user' or 'assistant')")
         return messages
 
-    def forward(self, inputs: dict[str, torch.Tensor], cache):
+    def forward(self, inputs: dict[str, torch.Tensor], cache: Any) -> Any:
         return self._forward_cached(cache, **inputs)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -378,10 +381,12 @@ class ReplyBatcher(SlotBatcher):
         self._enqueue(stream, "a Voxtral prompt")
         return stream
 
-    def _prepare(self, stream: BatchedReply) -> None:
+    def _prepare(self, stream: SlotStream) -> None:
         """The audio is encoded when the reply's prefill starts, not when it is admitted, so
         replies arriving together reach their first tokens in turn rather than all after
         every encoding."""
+        assert isinstance(stream, BatchedReply)  # admit() queues only BatchedReplys
+        assert stream.reply_prompt is not None  # _prepare runs once, before the prefill
         stream.prompt = self.voxtral.prompt_embeddings(stream.reply_prompt)
         stream.reply_prompt = None
 
@@ -418,6 +423,14 @@ def forget_parsed_urls() -> None:
         clear()
 
 
+@overload
+def _turn_audio(audio: np.ndarray | TurnAudio) -> TurnAudio: ...
+
+
+@overload
+def _turn_audio(audio: None) -> None: ...
+
+
 def _turn_audio(audio: np.ndarray | TurnAudio | None) -> TurnAudio | None:
     """Audio given as samples gets a TurnAudio of its own (used for this prompt only)."""
     return audio if audio is None or isinstance(audio, TurnAudio) else TurnAudio(audio)
@@ -443,7 +456,7 @@ def wav_base64(audio: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def estimate_voxtral_bytes(config, dtype: torch.dtype) -> int:
+def estimate_voxtral_bytes(config: Any, dtype: torch.dtype) -> int:
     """Bytes of a Voxtral model's weights, from its config alone (nothing is loaded)."""
     audio, hidden = config.audio_config, config.text_config.hidden_size
     h, i, mel = audio.hidden_size, audio.intermediate_size, audio.num_mel_bins

@@ -24,6 +24,7 @@ import random
 import socket
 import uuid
 from collections.abc import Callable
+from typing import cast
 
 from agent.call.events import SessionEvent, event_line
 from agent.call.factory import SessionFactory
@@ -64,7 +65,8 @@ def parse_target(text: str) -> tuple[SipUri, tuple[str, int]]:
         found = socket.getaddrinfo(host, uri.port or DEFAULT_PORT, type=socket.SOCK_DGRAM)
     except (socket.gaierror, UnicodeError) as e:
         raise InputError(f"cannot call {text!r}: cannot resolve {host!r} ({getattr(e, 'strerror', None) or e})") from None
-    ip, port = found[0][4][:2]
+    # SOCK_DGRAM for a host name: IPv4 or IPv6 addresses, (host, port, ...).
+    ip, port = cast("tuple[str, int]", found[0][4][:2])
     return uri, (ip, port)
 
 
@@ -91,6 +93,7 @@ class SipClient(SipEndpoint):
         self._respond(msg, addr, 403, reason="Forbidden (this agent places calls, it does not take them)")
 
     def _on_response(self, msg: SipMessage) -> None:
+        assert msg.status is not None  # datagram_received hands responses only
         if msg.cseq[1] == "INVITE" and msg.status >= 200:
             self._ack_answer(msg)
         super()._on_response(msg)
@@ -98,15 +101,17 @@ class SipClient(SipEndpoint):
     def _ack_answer(self, answer: SipMessage) -> None:
         """ACK a final answer to our INVITE, each time it comes: a rejection within its
         transaction (RFC 3261 17.1.1.3), a 2xx with the dialog's ACK once dial() made it."""
+        assert answer.status is not None  # a response
         if answer.status >= 300:
-            sent = self._invites.get(answer.via[0].branch)
+            branch = answer.via[0].branch  # ours all have one: one without answers nothing of ours
+            sent = self._invites.get(branch) if branch is not None else None
             if sent is not None:
                 invite, peer = sent
-                self.transport.sendto(_in_transaction(invite, "ACK", to=answer.header("To")).to_bytes(), peer)
+                self._udp.sendto(_in_transaction(invite, "ACK", to=answer.header("To")).to_bytes(), peer)
             return
         call = self.calls.get(answer.call_id)
         if call is not None and call.ack is not None:
-            self.transport.sendto(call.ack, call.dialog.peer)
+            self._udp.sendto(call.ack, call.dialog.peer)
 
     async def dial(self, uri: SipUri, peer: tuple[str, int], on_progress: Callable[[SipMessage], None] | None = None,
                    ring_timeout: float = RING_TIMEOUT_S) -> SipCall:
@@ -123,10 +128,12 @@ class SipClient(SipEndpoint):
         call = SipCall(dialog, invite, self, outbound=True, local_sdp=invite.body)
         self.calls[call.call_id] = call
         branch = invite.via[0].branch
+        assert branch is not None  # _via() names one
         answers = self._transactions[(branch, "INVITE")] = asyncio.Queue()
         self._invites[branch] = (invite, peer)
         try:
             answer = await self._final_answer(call, answers, on_progress, ring_timeout)
+            assert answer.status is not None  # a response
             if answer.status >= 300:
                 raise CallFailed(_rejection(answer, uri))
             self._confirm(call, answer)
@@ -156,7 +163,7 @@ class SipClient(SipEndpoint):
         data, peer = call.invite.to_bytes(), call.dialog.peer
         timer_b = sip.TIMER_B  # read here: tests shorten it
         interval, deadline, ringing = T1, loop.time() + timer_b, False
-        self.transport.sendto(data, peer)
+        self._udp.sendto(data, peer)
         try:
             while (left := deadline - loop.time()) > 0:
                 resend = not ringing and interval < left  # else the wait ends at the deadline
@@ -165,7 +172,7 @@ class SipClient(SipEndpoint):
                 except TimeoutError:
                     if resend:
                         interval *= 2
-                        self.transport.sendto(data, peer)
+                        self._udp.sendto(data, peer)
                     continue
                 if answer.status >= 200:
                     return answer
@@ -198,7 +205,9 @@ class SipClient(SipEndpoint):
         """The callee answered: the dialog takes its tag, Contact and route (RFC 3261 12.1.2)
         and our ACK goes out (13.2.2.4)."""
         dialog = call.dialog
-        dialog.remote = ok.header("To")
+        remote = ok.header("To")
+        assert remote is not None  # mandatory: parse_message checked it
+        dialog.remote = remote
         dialog.remote_target = contact_uri(ok) or dialog.remote_target
         try:
             dialog.route = list(reversed(ok.headers_named("Record-Route")))
@@ -206,20 +215,23 @@ class SipClient(SipEndpoint):
             log.warning("call %s: ignoring a malformed Record-Route (%s)", call.call_id, e)
         call.ack = dialog.request("ACK", self._via(), cseq=call.invite.cseq[0]).to_bytes()
         call.answered = True
-        self.transport.sendto(call.ack, dialog.peer)
+        self._udp.sendto(call.ack, dialog.peer)
 
 
 def _in_transaction(invite: SipMessage, method: str, to: str | None = None) -> SipMessage:
     """A CANCEL of our INVITE, or the ACK of a rejection: its Request-URI, top Via (so its
     branch), From, Call-ID, CSeq number and Route; To as the answer has it, for the ACK
     (RFC 3261 9.1, 17.1.1.3)."""
-    headers = [("Via", invite.headers_named("Via")[0]), ("Max-Forwards", "70"), ("From", invite.header("From")),
-               ("To", to or invite.header("To")), ("Call-ID", invite.call_id), ("CSeq", f"{invite.cseq[0]} {method}")]
+    sender, receiver = invite.header("From"), to or invite.header("To")
+    assert sender is not None and receiver is not None  # our INVITE has both (Dialog.request)
+    headers = [("Via", invite.headers_named("Via")[0]), ("Max-Forwards", "70"), ("From", sender),
+               ("To", receiver), ("Call-ID", invite.call_id), ("CSeq", f"{invite.cseq[0]} {method}")]
     headers += [("Route", route) for route in invite.headers_named("Route")]
     return SipMessage(method=method, uri=invite.uri, headers=headers)
 
 
 def _rejection(answer: SipMessage, uri: SipUri) -> str:
+    assert answer.status is not None  # a response
     what = f"{answer.status} {answer.reason or ''}".strip()[:100]
     if answer.status in (401, 407):
         return f"{uri} asks for authentication ({what}); voice-agent call does not do SIP digest authentication"
@@ -256,13 +268,16 @@ async def call_out(sessions: SessionFactory, settings: Settings, uri: SipUri, pe
         call = dialing.result()
         answered_at = loop.time()
         rtp = call.rtp
+        # dial() returns a call with its media running, on the SDP's address.
+        assert call.codec is not None and call.session is not None
+        assert rtp is not None and rtp.transport is not None and rtp.signalled is not None
         # (The SDP's address: RTP goes where the callee's own packets come from, once they do.)
         say(f"answered: {call.codec.name}, RTP {hostport(local_host, rtp.transport.get_extra_info('sockname')[1])}"
             f" <-> {hostport(*rtp.signalled)}")
         events = asyncio.ensure_future(_say_events(call.session.events, say))
         ended = asyncio.ensure_future(call.done.wait())
         tasks += [events, ended]
-        waits = {ended, stopped}
+        waits: set[asyncio.Future] = {ended, stopped}
         if max_seconds:
             limit = asyncio.ensure_future(asyncio.sleep(max_seconds))
             waits.add(limit)
@@ -295,6 +310,7 @@ async def _say_events(events: asyncio.Queue[SessionEvent], say: Callable[[str], 
 
 
 def _progress(answer: SipMessage) -> str:
+    assert answer.status is not None  # a response
     return f"{PROGRESS.get(answer.status, 'progress')} ({answer.status} {answer.reason or ''})".replace(" )", ")")
 
 

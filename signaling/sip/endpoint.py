@@ -187,12 +187,18 @@ class SipEndpoint(asyncio.DatagramProtocol):
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.port))
-        self.port = self.transport.get_extra_info("sockname")[1]
+        self.port = self._udp.get_extra_info("sockname")[1]
         log.info("SIP on udp %s:%d", self.host, self.port)
         return self.port
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    @property
+    def _udp(self) -> asyncio.DatagramTransport:
+        """The socket's transport: every message is sent (and comes) after start()."""
+        assert self.transport is not None, "the endpoint is not started"
+        return self.transport
 
     async def close(self) -> None:
         """Hang up every call (BYE, given CLOSE_GRACE_S to be answered) and stop listening."""
@@ -229,7 +235,8 @@ class SipEndpoint(asyncio.DatagramProtocol):
 
     def _on_response(self, msg: SipMessage) -> None:
         """Hand an answer to the transaction of ours that waits for it (stray ones are dropped)."""
-        responses = self._transactions.get((msg.via[0].branch, msg.cseq[1]))
+        branch = msg.via[0].branch  # ours all have one: a response without is no answer to us
+        responses = self._transactions.get((branch, msg.cseq[1])) if branch is not None else None
         if responses is not None:
             responses.put_nowait(msg)
 
@@ -296,7 +303,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         if not call.outbound and _invite_key(msg, addr) == _invite_key(call.invite, call.source):
             again = call.final_response or call.provisional
             if again is not None:
-                self.transport.sendto(again, response_address(msg.via[0], addr))
+                self._udp.sendto(again, response_address(msg.via[0], addr))
             return
         if msg.from_tag == call.invite.from_tag and msg.cseq == call.invite.cseq:
             self.counts["loop_detected"] += 1
@@ -312,7 +319,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         stay as they are; symmetric RTP follows the peer if its address changed."""
         to = response_address(msg.via[0], addr)
         if msg.cseq[0] == call.ack_cseq and call.final_response is not None:
-            self.transport.sendto(call.final_response, to)  # a resend of the one being answered
+            self._udp.sendto(call.final_response, to)  # a resend of the one being answered
             return
         ok = self._response_bytes(msg, addr, 200, body=call.local_sdp, content_type="application/sdp",
                                   headers=[("Contact", self.contact), ("Allow", ALLOW)])
@@ -327,7 +334,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         if not call.answered:
             terminated = self._response_bytes(call.invite, call.source, 487, to_tag=call.local_tag)
             call.final_response = terminated
-            self.transport.sendto(terminated, response_address(call.invite.via[0], call.source))
+            self._udp.sendto(terminated, response_address(call.invite.via[0], call.source))
             await self._end(call, "the caller gave up before the answer (CANCEL)")
 
     # -- calls ----------------------------------------------------------------------
@@ -357,6 +364,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
     async def _watch_media(self, call: SipCall) -> None:
         """End the call once the peer has sent no RTP at all for server.media_timeout_s."""
         rtp, timeout = call.rtp, self.settings.server.media_timeout_s
+        assert rtp is not None  # _confirmed watches only a call with its RTP
         since = rtp.clock()
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
@@ -406,7 +414,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
     def _send_2xx(self, call: SipCall, data: bytes, cseq: int, to: tuple[str, int]) -> None:
         """Send our 2xx to an INVITE and resend it until its ACK comes (RFC 3261 13.3.1.4)."""
         call.final_response, call.ack_cseq, call.acked = data, cseq, asyncio.Event()
-        self.transport.sendto(data, to)
+        self._udp.sendto(data, to)
         self._call_task(call, self._resend_until_ack(call, data, to), "2xx_resend")
 
     async def _resend_until_ack(self, call: SipCall, data: bytes, to: tuple[str, int]) -> None:
@@ -422,7 +430,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
             except TimeoutError:
                 interval = min(2 * interval, T2)
                 if deadline - loop.time() > 0:
-                    self.transport.sendto(data, to)
+                    self._udp.sendto(data, to)
         log.warning("call %s: no ACK after %.0f s; ending it", call.call_id, loop.time() - call.created)
         if call.confirmed:  # a re-INVITE's 2xx: the call was up, hang it up properly (RFC 3261 13.3.1.4)
             await self._end(call, f"no ACK came in {limit:.0f} s", bye=True)
@@ -448,7 +456,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
             await call.session.close()
         status = None
         if bye and call.answered and wait <= 0:  # one BYE, not waited for
-            self.transport.sendto(call.dialog.request("BYE", self._via()).to_bytes(), call.dialog.peer)
+            self._udp.sendto(call.dialog.request("BYE", self._via()).to_bytes(), call.dialog.peer)
         elif bye and call.answered:
             # The call stays in self.calls meanwhile: a BYE crossing ours gets its 200.
             answer = await self._send_request(call.dialog.request("BYE", self._via()), call.dialog.peer, wait)
@@ -470,20 +478,23 @@ class SipEndpoint(asyncio.DatagramProtocol):
         """Send a request other than INVITE as a client transaction (RFC 3261 17.1.2): resent
         on Timer E (T1, doubling up to T2) until a final answer, which is returned; None if
         none comes within `timeout` (Timer F)."""
-        key = (request.via[0].branch, request.method)
+        branch, method = request.via[0].branch, request.method
+        assert branch is not None and method is not None  # a request with our _via()
+        key = (branch, method)
         answers = self._transactions[key] = asyncio.Queue()
         data = request.to_bytes()
         loop = asyncio.get_running_loop()
         deadline, interval = loop.time() + timeout, T1
         try:
             while True:
-                self.transport.sendto(data, to)
+                self._udp.sendto(data, to)
                 resend_at = min(loop.time() + interval, deadline)
                 while (left := resend_at - loop.time()) > 0:
                     try:
                         answer = await asyncio.wait_for(answers.get(), left)
                     except TimeoutError:
                         break
+                    assert answer.status is not None  # _on_response queues responses only
                     if answer.status >= 200:
                         return answer
                     interval = T2  # a provisional answer: the final one is coming, resend slowly
@@ -504,7 +515,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
 
     def _respond(self, request: SipMessage, addr, status: int, **kwargs) -> bytes:
         data = self._response_bytes(request, addr, status, **kwargs)
-        self.transport.sendto(data, response_address(request.via[0], addr))
+        self._udp.sendto(data, response_address(request.via[0], addr))
         return data
 
     def _request_done(self, task: asyncio.Task) -> None:
@@ -534,7 +545,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         else:
             status = f"400 Bad Request ({_one_line(str(error))})"
         head = [f"SIP/2.0 {status}"] + [f"{name}: {wanted[name]}" for name in needed] + ["Content-Length: 0"]
-        self.transport.sendto(("\r\n".join(head) + "\r\n\r\n").encode(), addr)
+        self._udp.sendto(("\r\n".join(head) + "\r\n\r\n").encode(), addr)
 
 
 class SipServer(SipEndpoint):
@@ -624,8 +635,10 @@ def _inbound_dialog(invite: SipMessage, source: tuple[str, int]) -> Dialog:
     tag; our requests go to its Contact, through its Record-Route, sent where it came from
     (the Contact may be a private address behind NAT)."""
     tag = uuid.uuid4().hex[:10]
+    remote, uri = invite.header("From"), invite.uri
+    assert remote is not None and uri is not None  # a parsed request: From is mandatory
     return Dialog(call_id=invite.call_id, local_tag=tag, local=f"{invite.header('To')};tag={tag}",
-                  remote=invite.header("From"), remote_target=contact_uri(invite) or invite.uri,
+                  remote=remote, remote_target=contact_uri(invite) or uri,
                   peer=response_address(invite.via[0], source), route=invite.headers_named("Record-Route"))
 
 
@@ -637,6 +650,7 @@ def _refusal(msg: SipMessage) -> tuple[int, list[tuple[str, str]]] | None:
         return 405, [("Allow", ALLOW)]
     if msg.method not in HANDLED:
         return 501, [("Allow", ALLOW)]
+    assert msg.uri is not None  # a request
     try:
         parse_uri(msg.uri)
     except UnsupportedUriScheme:

@@ -334,7 +334,9 @@ def _split_name_addr(value: str) -> tuple[str | None, str, dict[str, str | None]
     else:
         # addr-spec: the URI ends at the first ';' (the params after it are header params),
         # so a URI with ',', '?' or ';' of its own must be in <> (RFC 3261 20; 4475 regbadct).
-        uri_text = re.match(r"[^;\s]*", text).group(0)
+        match = re.match(r"[^;\s]*", text)
+        assert match is not None  # it matches the empty string at least
+        uri_text = match.group(0)
         tail = text[len(uri_text):]
         if "?" in uri_text or "," in uri_text:
             raise SipParseError(f"URI with headers must be enclosed in <> in {_q(value)}")
@@ -656,8 +658,10 @@ def _validate(msg: SipMessage) -> None:
     for value in (v for n, v in msg.headers if _key(n) == "via"):
         for item in split_top(value, ","):
             parse_via(item)  # strict: an empty item (",,") fails here (RFC 4475 badinv01)
-    _check_name_addr(msg.header("To"))
-    _check_name_addr(msg.header("From"))
+    to, from_ = msg.header("To"), msg.header("From")
+    assert to is not None and from_ is not None  # mandatory: counted above
+    _check_name_addr(to)
+    _check_name_addr(from_)
     for value in (v for n, v in msg.headers if _key(n) == "contact"):
         if value != "*":
             for item in split_top(value, ","):
@@ -718,8 +722,8 @@ def make_response(request: SipMessage, status: int, reason: str | None = None, *
         if name == "To" and to_tag and "tag" not in _split_name_addr(value)[2]:
             value = f"{value};tag={to_tag}"
         out.append((name, value))
-    if status == 100 and request.header("Timestamp") is not None:
-        out.append(("Timestamp", request.header("Timestamp")))
+    if status == 100 and (timestamp := request.header("Timestamp")) is not None:
+        out.append(("Timestamp", timestamp))
     if 101 <= status <= 299:
         out.extend(("Record-Route", v) for n, v in request.headers if _key(n) == "record-route")
     out.extend(headers)

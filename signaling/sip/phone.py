@@ -10,7 +10,7 @@ import numpy as np
 
 from signaling.sip.message import SipMessage, parse_message
 from signaling.sip.rtp import SAMPLES, RtpSession
-from signaling.sip.sdp import codec_from_answer, make_offer, parse_sdp
+from signaling.sip.sdp import Codec, codec_from_answer, make_offer, parse_sdp
 
 LOUD = 300  # RMS above which a played 20 ms counts as the agent speaking (tiny profile: far above)
 
@@ -32,9 +32,9 @@ class LoopbackPhone:
         self.queue: list[np.ndarray] = []  # the phone's outgoing 20 ms frames
         self.heard: list[tuple[float, float]] = []  # (time, RMS) of each 20 ms the phone plays
         self.speech_end = 0.0  # when the last queued frame went out
-        self.codec = None
+        self.codec: Codec | None = None
         self._replies: asyncio.Queue = asyncio.Queue()
-        self._sip = None
+        self._sip: asyncio.DatagramTransport | None = None
         self._to_tag = ""
         self._cseq = 1
         self.rtp = RtpSession("PCMU", 0, None, ("127.0.0.1", 9), self._take_frame, 8000, self._play)
@@ -93,6 +93,7 @@ class LoopbackPhone:
         """BYE (answered or not within a second), then close the sockets."""
         try:
             if self._to_tag:
+                assert self._sip is not None  # dial() got as far as the answer
                 self._cseq += 1
                 self._sip.sendto(self._request("BYE"), self.agent)
                 await asyncio.wait_for(self._replies.get(), 1.0)

@@ -28,6 +28,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 import av
 import numpy as np
@@ -184,8 +185,10 @@ class RtpSession(asyncio.DatagramProtocol):
         if sock is not None:
             await loop.create_datagram_endpoint(lambda: self, sock=sock)
         else:
-            await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+            # A None host is looked up by getaddrinfo like any other; typeshed wants a str.
+            await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))  # type: ignore[arg-type]
         self._task = asyncio.ensure_future(self._tick())
+        assert self.transport is not None  # connection_made ran inside create_datagram_endpoint
         return self.transport.get_extra_info("sockname")[1]
 
     def connection_made(self, transport) -> None:
@@ -287,12 +290,14 @@ class RtpSession(asyncio.DatagramProtocol):
             return (self._last_in // 2) if self._concealed == 1 else np.zeros(SAMPLES, dtype=np.int16)
         self._concealed = 0
         try:
-            frames = self.decoder.decode(JitterFrame(payload, 0))
+            frames = self.decoder.decode(JitterFrame(cast(bytes, payload), 0))  # neither None nor LOST
         except av.FFmpegError:  # never one bad payload for the rest of the call: a fresh decoder
             self.decode_errors += 1
             self.decoder = CODECS[self.codec][1]()
             return None
-        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]) if frames else None
+        # aiortc types decode() as list[av.Frame]; its G.711 decoders give av.AudioFrames.
+        samples = (np.concatenate([f.to_ndarray().reshape(-1) for f in frames])  # type: ignore[attr-defined]
+                   if frames else None)
         if samples is not None:
             self._last_in = samples
         return samples

@@ -258,8 +258,10 @@ def answer_audio(offer: SessionDescription, local_ip: str, local_port: int,
             continue
         name, pt, dtmf = chosen
         direction = ANSWER_DIRECTION[section.direction]
+        remote_ip = offer.address_for(section)
+        assert remote_ip is not None  # parse_sdp refuses a stream with a port and no c= line
         codec = Codec(name=name, payload_type=pt, dtmf_payload_type=dtmf, direction=direction,
-                      remote_ip=offer.address_for(section), remote_port=section.port)
+                      remote_ip=remote_ip, remote_port=section.port)
         lines.append(f"m=audio {local_port} RTP/AVP {pt}" + ("" if dtmf is None else f" {dtmf}"))
         lines.append(f"a=rtpmap:{pt} {name}/8000")
         if dtmf is not None:
@@ -293,7 +295,9 @@ def codec_from_answer(answer: SessionDescription) -> Codec:
         chosen = _choose(section)
         if chosen is not None:
             name, pt, dtmf = chosen
+            remote_ip = answer.address_for(section)
+            assert remote_ip is not None  # parse_sdp refuses a stream with a port and no c= line
             return Codec(name=name, payload_type=pt, dtmf_payload_type=dtmf,
                          direction=ANSWER_DIRECTION[section.direction],
-                         remote_ip=answer.address_for(section), remote_port=section.port)
+                         remote_ip=remote_ip, remote_port=section.port)
     raise NoCommonCodec("the answer accepts no PCMU or PCMA audio stream")

@@ -239,6 +239,7 @@ class WebRTCCall:
         await pc.setRemoteDescription(offer)
         if not any(t.kind == "audio" for t in pc.getTransceivers()):
             raise BadOffer("the offer has no audio")
+        assert self.track is not None  # answer() made it
         pc.addTrack(self.track)  # takes the offer's audio transceiver: sendrecv
         answer = await pc.createAnswer()
         await pc.setLocalDescription(RTCSessionDescription(answer_as_dtls_server(parsed, answer.sdp),
@@ -317,6 +318,7 @@ class WebRTCCall:
 
     async def _drain(self, track) -> None:
         """Keep reading the caller's audio; the track's queue grows without bound otherwise."""
+        assert self.session is not None  # answer() made it before listening for tracks
         while True:
             try:
                 frame = await track.recv()
@@ -331,6 +333,7 @@ class WebRTCCall:
         await self.close("audio_ended")
 
     async def _forward_events(self) -> None:
+        assert self.session is not None  # answer() made it before starting this
         while True:
             event = await self.session.events.get()
             if self.on_event is not None:
