@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -409,3 +412,149 @@ def bench_replies(settings: Settings, levels: Sequence[int] | None = None, token
         return result
     finally:
         models.unload()
+
+
+# -- turn-taking (voice-agent bench turns) ---------------------------------------------
+
+TURN_FIXTURES = FIXTURES / "turns"
+TURN_TAIL_S = 3.0  # silence after each recording: longer than any wait for the end of a turn
+MISSED_END_S = 1.0  # a finished sentence still undecided this long after it ended is a missed end
+# The detector settings compared: (name, [vad] changes, [turn] changes).
+TURN_VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("webrtc + timer", {"engine": "webrtc"}, {"engine": "silence"}),
+    ("silero + timer", {"engine": "silero"}, {"engine": "silence"}),
+    ("silero + smart turn", {"engine": "silero"}, {"engine": "smart_turn"}),
+]
+
+
+@dataclass(frozen=True)
+class TurnRecording:
+    """One caller turn from tests/fixtures/turns (see make_turns.py there)."""
+    file: str
+    kind: str  # "complete" or "paused" (an unfinished phrase, a pause, the rest)
+    text: str
+    voice: str
+    speech_end_s: float
+    pause_s: tuple[float, float] | None
+    audio: np.ndarray  # 16 kHz int16, TURN_TAIL_S of silence added
+
+
+def load_turn_recordings(directory: Path = TURN_FIXTURES) -> list[TurnRecording]:
+    from agent.audio import read_audio
+
+    entries = json.loads((directory / "turns.json").read_text())
+    tail = np.zeros(int(TURN_TAIL_S * IN_RATE), dtype=np.int16)
+    return [TurnRecording(e["file"], e["kind"], e["text"], e["voice"], e["speech_end_s"],
+                          tuple(e["pause_s"]) if e["pause_s"] else None,
+                          np.concatenate([read_audio(directory / e["file"], IN_RATE), tail])) for e in entries]
+
+
+def turn_variant(settings: Settings, vad: dict[str, Any], turn: dict[str, Any]) -> Settings:
+    return settings.replace("vad", **vad).replace("turn", **turn)
+
+
+class _TimedDetector:
+    """A speech detector whose CPU time is counted."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.cpu_s = 0.0
+        self.frames = 0
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        t = time.process_time()
+        voiced = self.inner.is_speech(frame)
+        self.cpu_s += time.process_time() - t
+        self.frames += 1
+        return voiced
+
+
+def decide_turn(settings: Settings, recording: TurnRecording, silero: Any, smart_turn: Any) -> dict[str, Any]:
+    """One recording through the segmenter as a session runs it, in stream time. The
+    end-of-turn model runs in this thread and its wall time is charged to the stream: its
+    answer applies only once that much more audio has arrived, and only if the caller
+    has not spoken again meanwhile (as in CallSession, where it runs while audio flows)."""
+    from agent.call.vad import SileroDetector, SpeechPaused, SpeechResumed, Utterance, VADSegmenter, WebRtcDetector
+
+    v, turn = settings.vad, settings.turn
+    inner = SileroDetector(silero.stream(), v.threshold) if v.engine == "silero" else WebRtcDetector(v)
+    detector = _TimedDetector(inner)
+    model = smart_turn if turn.engine == "smart_turn" else None
+    vad = VADSegmenter(v, detector, end_ms=turn.max_silence_ms if model else None,
+                       pause_ms=turn.min_silence_ms if model else None)
+    step = IN_RATE * v.frame_ms // 1000
+    model_cpu = model_wall = 0.0
+    pending: tuple[int, float, float] | None = None  # (pause, probability, stream time it is known)
+    decided: list[float] = []
+    for i in range(0, len(recording.audio) - step + 1, step):
+        events: list[Any] = vad.push(recording.audio[i:i + step])
+        if pending is not None and vad.now >= pending[2]:
+            pause, prob, _ = pending
+            pending = None
+            if vad.pause == pause and prob >= turn.threshold:
+                events.append(vad.end_utterance())
+        for event in events:
+            if isinstance(event, SpeechPaused) and model is not None:
+                cpu, wall = time.process_time(), time.perf_counter()
+                prob = model.probability(event.audio)
+                model_cpu += time.process_time() - cpu
+                wall = time.perf_counter() - wall
+                model_wall += wall
+                pending = (event.pause, prob, vad.now + wall)
+            elif isinstance(event, SpeechResumed):
+                pending = None
+            elif isinstance(event, Utterance):
+                decided.append(event.decided_at)
+    return {"decided_at": decided, "detector_cpu_s": detector.cpu_s, "frames": detector.frames,
+            "model_cpu_s": model_cpu, "model_wall_s": model_wall, "stream_s": len(recording.audio) / IN_RATE}
+
+
+def bench_turns(settings: Settings, recordings: list[TurnRecording] | None = None) -> dict:
+    """End of speech to turn decided on finished sentences, cut-offs in mid-sentence
+    pauses, missed ends and CPU, for each detector setting in TURN_VARIANTS, on the same
+    recordings in one run."""
+    import onnxruntime
+
+    from agent.models.silero import SileroVAD
+    from agent.models.smart_turn import SmartTurn
+
+    recordings = recordings if recordings is not None else load_turn_recordings()
+    silero, smart_turn = SileroVAD(), SmartTurn(settings.turn.model, workers=1)
+    variants: dict[str, dict[str, Any]] = {}
+    try:
+        for name, vad, turn in TURN_VARIANTS:
+            s = turn_variant(settings, vad, turn)
+            latencies, cut_offs, missed, paused_latencies = [], [], [], []
+            totals = {"detector_cpu_s": 0.0, "frames": 0, "model_cpu_s": 0.0, "model_wall_s": 0.0, "stream_s": 0.0}
+            for rec in recordings:
+                run = decide_turn(s, rec, silero, smart_turn)
+                for key in totals:
+                    totals[key] += run[key]
+                first = run["decided_at"][0] if run["decided_at"] else None
+                if rec.kind == "complete":
+                    if first is None or first - rec.speech_end_s > MISSED_END_S:
+                        missed.append(rec.file)
+                    if first is not None:
+                        latencies.append((first - rec.speech_end_s) * 1000)
+                elif first is not None and first < rec.speech_end_s:
+                    cut_offs.append(rec.file)  # decided before the sentence was over
+                else:
+                    ends = [t for t in run["decided_at"] if t >= rec.speech_end_s]
+                    if ends:
+                        paused_latencies.append((ends[0] - rec.speech_end_s) * 1000)
+            complete = sum(r.kind == "complete" for r in recordings)
+            variants[name] = {
+                "settings": {"vad": vad, "turn": turn},
+                "complete": {"recordings": complete, "end_to_decided_ms": {"p50": _pct(latencies, 50), "p95": _pct(latencies, 95)},
+                             "missed_ends": len(missed), "missed": missed},
+                "paused": {"recordings": len(recordings) - complete, "cut_offs": len(cut_offs), "cut": cut_offs,
+                           "end_to_decided_ms_p50": _pct(paused_latencies, 50)},
+                "cpu": {"vad_ms_per_20ms_frame": round(totals["detector_cpu_s"] / max(1, totals["frames"]) * 1000, 4),
+                        "model_ms_per_call_s": round(totals["model_cpu_s"] / totals["stream_s"] * 1000, 3),
+                        "percent_of_a_core_per_call": round(
+                            (totals["detector_cpu_s"] + totals["model_cpu_s"]) / totals["stream_s"] * 100, 3)},
+            }
+    finally:
+        smart_turn.close()
+    return {"recordings": len(recordings), "onnxruntime": onnxruntime.__version__, "vad_end_ms": settings.vad.end_ms,
+            "turn": dataclasses.asdict(settings.turn), "variants": variants}

@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--warmup", type=int, help="calls left out of the per-call figures (default: a fifth, at least 5)")
     soak.add_argument("--transport", choices=("webrtc", "sip"), default="webrtc", help="how the calls arrive (default webrtc)")
     soak.add_argument("--json", action="store_true", help="print one JSON line")
+    turns = bench_sub.add_parser("turns", parents=[common],
+                                 help="turn-taking: end of speech to turn decided, cut-offs, CPU, per detector setting")
+    turns.add_argument("--replies", type=int, default=5, metavar="N",
+                       help="finished sentences also played as calls, for the time to the first reply audio (default 5; 0 skips)")
+    turns.add_argument("--json", action="store_true", help="print one JSON line")
     tts = bench_sub.add_parser("tts", parents=[common],
                                help="one speech stream: transformers' generate vs the single path vs the engine")
     tts.add_argument("--runs", type=int, default=5, help="requests per variant (default 5)")
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_sip(args, settings)
         if args.command == "bench" and args.bench == "soak":
             return cmd_bench_soak(args, settings)
+        if args.command == "bench" and args.bench == "turns":
+            return cmd_bench_turns(args, settings)
         if args.command == "bench" and args.bench in ("tts", "streams", "replies"):
             return cmd_bench_engine(args, settings)
     except (InputError, ConfigError) as e:
@@ -369,6 +376,27 @@ def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
     with loaded_sessions(settings) as sessions:
         result = bench_pipeline(sessions, settings, caller, caller_24k)
     print(json.dumps(result) if args.json else result)
+    return 0
+
+
+def cmd_bench_turns(args: argparse.Namespace, settings: Settings) -> int:
+    """voice-agent bench turns: the detector settings side by side on the turn recordings."""
+    from agent.bench import TURN_VARIANTS, bench_turns, load_turn_recordings, turn_variant
+    from signaling.bench import bench_turn_replies
+
+    if args.replies < 0:
+        raise InputError(f"--replies must be 0 or more, got {args.replies}")
+    recordings = load_turn_recordings()
+    log.info("deciding turns on %d recordings, %d settings...", len(recordings), len(TURN_VARIANTS))
+    result = bench_turns(settings, recordings)
+    if args.replies:
+        complete = [r for r in recordings if r.kind == "complete"][:args.replies]
+        variants = [(name, turn_variant(settings, vad, turn)) for name, vad, turn in TURN_VARIANTS]
+        log.info("playing %d finished sentences as calls per setting...", len(complete))
+        with loaded_sessions(settings) as sessions:
+            for name, reply in bench_turn_replies(sessions, settings, variants, complete).items():
+                result["variants"][name]["reply"] = reply
+    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return 0
 
 

@@ -88,7 +88,9 @@ class VoxtralSettings:
 
 @dataclass(frozen=True)
 class VADSettings:
-    """[vad]: when the caller's speech starts and ends."""
+    """[vad]: which frames are speech, and when an utterance starts and ends."""
+    engine: str
+    threshold: float
     aggressiveness: int
     frame_ms: int
     start_ms: int
@@ -98,6 +100,16 @@ class VADSettings:
     max_utterance_s: float
     snr_db: float
     min_level_db: float
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    """[turn]: deciding that the caller has finished their turn."""
+    engine: str
+    model: str
+    threshold: float
+    min_silence_ms: int
+    max_silence_ms: int
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,7 @@ class Settings:
     engine: EngineSettings
     voxtral: VoxtralSettings
     vad: VADSettings
+    turn: TurnSettings
     echo: EchoSettings
     session: SessionSettings
     server: ServerSettings
@@ -181,6 +194,7 @@ SECTIONS: dict[str, type] = {
     "engine": EngineSettings,
     "voxtral": VoxtralSettings,
     "vad": VADSettings,
+    "turn": TurnSettings,
     "echo": EchoSettings,
     "session": SessionSettings,
     "server": ServerSettings,
@@ -194,10 +208,12 @@ _CHOICES = {
     "device.dtype": ("auto", "bfloat16", "float16", "float32"),
     "snac.decoder_mode": ("default", "baseline"),
     "engine.mode": ("batched", "single"),
+    "vad.engine": ("silero", "webrtc"),
     "vad.aggressiveness": (0, 1, 2, 3),
     "vad.frame_ms": (10, 20, 30),
     "session.frame_ms": (10, 20, 30, 40, 60),
     "echo.guard": ("auto", "on", "off"),
+    "turn.engine": ("smart_turn", "silence"),
 }
 _RANGES = {
     "device.headroom_gb": (0.0, None),
@@ -221,6 +237,7 @@ _RANGES = {
     "voxtral.temperature": (0.0, 10.0),
     "voxtral.top_p": (1e-6, 1.0),
     "voxtral.max_new_tokens": (1, 100_000),
+    "vad.threshold": (0.05, 0.95),
     "vad.start_ms": (10, 10_000),
     "vad.end_ms": (10, 10_000),
     "vad.preroll_ms": (0, 10_000),
@@ -228,6 +245,9 @@ _RANGES = {
     "vad.max_utterance_s": (1.0, 600.0),
     "vad.snr_db": (0.0, 60.0),
     "vad.min_level_db": (-120.0, 0.0),
+    "turn.threshold": (0.0, 1.0),
+    "turn.min_silence_ms": (20, 5_000),
+    "turn.max_silence_ms": (100, 30_000),
     "echo.max_delay_ms": (20, 2000),
     "echo.margin_db": (0.0, 40.0),
     "session.max_history_turns": (0, 1000),
@@ -367,5 +387,8 @@ def _check_cross(s: Settings) -> None:
                           f"got {s.session.hangup_digit!r}")
     if s.session.voice and s.session.voice not in s.tts.voices:
         raise ConfigError(f"setting session.voice {s.session.voice!r} is not in tts.voices")
+    if s.turn.engine == "smart_turn" and s.turn.min_silence_ms >= s.turn.max_silence_ms:
+        raise ConfigError(f"setting turn.min_silence_ms ({s.turn.min_silence_ms}) must be below turn.max_silence_ms "
+                          f"({s.turn.max_silence_ms})")
     if s.orpheus.max_tokens % 7:
         raise ConfigError(f"setting orpheus.max_tokens must be a multiple of 7 (one frame); got {s.orpheus.max_tokens}")

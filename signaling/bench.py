@@ -154,3 +154,27 @@ def bench_pipeline(sessions: SessionFactory, settings: Settings, caller: np.ndar
     return {"profile": settings.profile, "device": sessions.device, "torch": torch.__version__,
             "turns": len(result.turns), "latency_ms": summarize_turns(latencies),
             "per_turn_ms": latencies}
+
+
+def bench_turn_replies(sessions: SessionFactory, settings: Settings, variants: Sequence[tuple[str, Settings]],
+                       recordings: Sequence[Any]) -> dict:
+    """End of the caller's speech to the first reply audio the caller hears, per detector
+    setting: each recording played as a headless call (real time while the models think
+    and the end-of-turn model decides)."""
+    from .headless import run_call
+
+    async def one(s: Settings, rec: Any, seed: int) -> float | None:
+        result = await run_call(sessions, rec.audio, np.zeros(0, np.int16), s, seed=seed)
+        heard = [t.agent_start for t in result.turns if t.agent_start is not None]
+        return (heard[0] - rec.speech_end_s) * 1000 if heard else None
+
+    out: dict[str, Any] = {}
+    for name, s in variants:
+        values: list[float] = []
+        for i, rec in enumerate(recordings):
+            latency = asyncio.run(one(s, rec, i))
+            if latency is not None:
+                values.append(latency)
+        out[name] = {"end_to_first_audio_ms": {"p50": pct(values, 50), "p95": pct(values, 95)},
+                     "answered": len(values), "recordings": len(recordings)}
+    return out

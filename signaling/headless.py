@@ -2,7 +2,8 @@
 
 The recording is fed in 20 ms frames and the agent's audio is taken 20 ms at a time,
 as a phone or browser would. By default time runs faster than real time while the
-agent is idle and at real time while it thinks or speaks, so every latency on the
+agent is idle and at real time while it thinks, speaks or decides whether a pause
+ends the caller's turn, so every latency on the
 output timeline is one the models really took; `realtime=True` paces the whole run.
 """
 
@@ -84,7 +85,7 @@ async def run_call(sessions: SessionFactory, caller_16k: np.ndarray, caller_24k:
             waiting = session.agent_busy or session.vad.in_speech
             if i >= n_in and (not waiting or t > n_in * PACKET_S + TAIL_LIMIT_S):
                 break
-            if realtime or session.agent_busy:
+            if realtime or session.agent_busy or session.deciding:  # the model's time is real time
                 await clock.sleep_until(t)
             else:
                 clock.skip_to(t)

@@ -16,8 +16,11 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_settings() -> Settings:
-    # Noise off: streamed audio is compared against one-shot decodes.
-    return load_settings("tiny", env={}).replace("snac", noise=False)
+    # Noise off: streamed audio is compared against one-shot decodes. The silence timer
+    # ends turns: Smart Turn hears the fixture question's "Hello," (espeak-ng's comma pause)
+    # as a finished turn, and the tests of the other parts count one turn per question.
+    # tests/call/test_turns.py tests the end-of-turn model, and the default settings.
+    return load_settings("tiny", env={}).replace("snac", noise=False).replace("turn", engine="silence")
 
 
 @pytest.fixture(scope="session")

@@ -117,6 +117,7 @@ class TurnRecord:
     segments: list[Segment] = field(default_factory=list)
     reply_text: str = ""
     interrupted: bool = False
+    withdrawn: bool = False  # the caller went on before any of the reply was heard (not in the call's turns)
     played_text: str | None = None  # set once known: the whole reply, or what was heard
     error: str | None = None
     # Session-clock times of the stages, and device time used, for the latency breakdown.

@@ -1,6 +1,7 @@
 """One call: the caller's audio in, the agent's audio out, whatever the transport.
 
     push_audio() ─► Resampler (16 kHz mono) ─► VADSegmenter ─► Utterance
+        (at each pause, Smart Turn decides whether the turn is over: end it early or wait)
         ─► Voxtral reply, streamed token by token ─► TextSegmenter (first clause, then sentences)
         ─► TTSServiceDirect ─► OutboundAudio (fixed-size frames) ─► the transport's player
 
@@ -40,7 +41,18 @@ from agent.call.events import (
     TurnRecord,
 )
 from agent.call.outbound import OutboundAudio, OutFrame
-from agent.call.vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
+from agent.call.vad import (
+    SileroDetector,
+    SpeechDetector,
+    SpeechDiscarded,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    Utterance,
+    VADEvent,
+    VADSegmenter,
+    WebRtcDetector,
+)
 from agent.config import Settings
 from agent.models.manager import UnifiedModelManager
 from agent.models.voxtral import ChatTurn, ReplyParams, TurnAudio
@@ -74,7 +86,15 @@ class CallSession:
         self.seed = seed if seed is not None else (s.tts.seed if s.tts.seed >= 0 else random.randrange(2**31))
         guard = s.echo.guard == "on" or (s.echo.guard == "auto" and echo_guard)
         self.echo = EchoGuard(s.echo, IN_RATE * s.vad.frame_ms // 1000) if guard else None
-        self.vad = VADSegmenter(s.vad, frame_filter=self.echo.process if self.echo is not None else None)
+        detector: SpeechDetector = (SileroDetector(models.silero_vad().stream(), s.vad.threshold)
+                                    if s.vad.engine == "silero" else WebRtcDetector(s.vad))
+        # With the end-of-turn model, a short silence asks it, and the long one is the limit.
+        self.end_of_turn = models.smart_turn(s.turn.model) if s.turn.engine == "smart_turn" else None
+        model = self.end_of_turn is not None
+        self.vad = VADSegmenter(s.vad, detector, frame_filter=self.echo.process if self.echo is not None else None,
+                                end_ms=s.turn.max_silence_ms if model else None,
+                                pause_ms=s.turn.min_silence_ms if model else None)
+        self._decision: asyncio.Task | None = None  # the end-of-turn model hearing the latest pause
         self.resampler = Resampler(IN_RATE)
         frame_samples = OUT_RATE * s.session.frame_ms // 1000
         max_frames = max(1, int(s.session.max_queued_s * 1000 / s.session.frame_ms))
@@ -99,6 +119,11 @@ class CallSession:
         return (self._turn_task is not None and not self._turn_task.done()) or len(self.outbound) > 0
 
     @property
+    def deciding(self) -> bool:
+        """The end-of-turn model is hearing a pause of the caller's."""
+        return self._decision is not None and not self._decision.done()
+
+    @property
     def history(self) -> list[ChatTurn]:
         """The conversation context given to Voxtral (bounded by session.max_history_turns)."""
         turns: list[ChatTurn] = []
@@ -119,15 +144,45 @@ class CallSession:
         if self.echo is not None:
             self.echo.received(len(pcm))
         for event in self.vad.push(pcm):
-            if isinstance(event, SpeechStarted):
-                self._emit(CallerSpeechStarted(event.start))
-                if self.agent_busy:
-                    self.barge_in()
-            elif isinstance(event, Utterance):
-                self._emit(CallerSpeechStopped(event.end, event.end - event.start))
-                self._start_turn(event)
-            elif isinstance(event, SpeechDiscarded):
-                log.debug("ignored a short sound at %.2f s", event.start)
+            self._on_vad(event)
+
+    def _on_vad(self, event: VADEvent | None) -> None:
+        if isinstance(event, SpeechStarted):
+            self._emit(CallerSpeechStarted(event.start))
+            if self.agent_busy:
+                self.barge_in()
+        elif isinstance(event, SpeechPaused):
+            self._stop_deciding()
+            self._decision = asyncio.get_running_loop().create_task(self._decide(event))
+        elif isinstance(event, SpeechResumed):
+            self._stop_deciding()
+        elif isinstance(event, Utterance):
+            self._stop_deciding()
+            self._emit(CallerSpeechStopped(event.end, event.end - event.start))
+            self._start_turn(event)
+        elif isinstance(event, SpeechDiscarded):
+            self._stop_deciding()
+            log.debug("ignored a short sound at %.2f s", event.start)
+
+    async def _decide(self, pause: SpeechPaused) -> None:
+        """Ask the end-of-turn model about a pause; a finished turn ends now, an
+        unfinished one waits for more speech (or for turn.max_silence_ms)."""
+        assert self.end_of_turn is not None
+        try:
+            complete = await self.end_of_turn.predict(pause.audio)
+        except Exception as e:  # the silence limit still ends the turn
+            log.warning("the end-of-turn model failed (%s: %s); waiting for the silence limit", type(e).__name__, e)
+            return
+        if self.closed or self.vad.pause != pause.pause:
+            return  # the caller went on, or the turn ended meanwhile
+        log.debug("pause %d at %.2f s: turn complete with p=%.2f", pause.pause, pause.end, complete)
+        if complete >= self.settings.turn.threshold:
+            self._on_vad(self.vad.end_utterance())
+
+    def _stop_deciding(self) -> None:
+        if self._decision is not None and not self._decision.done() and self._decision is not asyncio.current_task():
+            self._decision.cancel()
+        self._decision = None
 
     def push_dtmf(self, digit: str) -> bool:
         """A key the caller pressed (RFC 4733 on phone lines), emitted as DtmfReceived.
@@ -138,12 +193,21 @@ class CallSession:
         return digit == self.settings.session.hangup_digit
 
     def barge_in(self) -> None:
-        """The caller talks over the agent: stop the turn and drop its queued audio now."""
+        """The caller talks over the agent: stop the turn and drop its queued audio now.
+        When none of the reply had been heard yet, the caller had not finished: the turn
+        is taken back (removed from `turns`), and its words go with what they say next."""
         record = self._current
         dropped = self.outbound.clear()
         if self._turn_task is not None and not self._turn_task.done():
             self._turn_task.cancel()
-        if record is None or record.interrupted:
+        if record is None or record.interrupted or record.withdrawn:
+            return
+        if record.agent_start is None:
+            record.withdrawn = True
+            self._current = None
+            if self.turns and self.turns[-1] is record:
+                self.turns.pop()
+            log.info("turn %d withdrawn: the caller went on before the reply was heard", record.index)
             return
         record.interrupted = True
         record.played_text = record.heard_text()
@@ -188,7 +252,7 @@ class CallSession:
     def _remember(self, record: TurnRecord, audio: np.ndarray, heard: TurnAudio) -> None:
         if record.error is not None:
             return
-        if record.interrupted and not record.played_text:
+        if record.withdrawn or (record.interrupted and not record.played_text):
             # Nothing was heard: the caller's words belong with what they say next.
             self._unanswered = audio
             return
@@ -258,6 +322,7 @@ class CallSession:
     async def close(self) -> None:
         """Hang up: stop generation, drop queued audio, end the turn task."""
         self.closed = True
+        self._stop_deciding()
         self.outbound.clear()
         task = self._turn_task
         if task is not None and not task.done():

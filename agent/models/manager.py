@@ -25,6 +25,8 @@ from agent.models.memory import GPUMemoryManager, dtype_bytes, graph_pool_bytes,
 from agent.models.tiny import model_config, resolve_source
 
 if TYPE_CHECKING:
+    from agent.models.silero import SileroVAD
+    from agent.models.smart_turn import SmartTurn
     from agent.models.tts import TTSServiceDirect
     from agent.models.voxtral import BatchedReply, ChatTurn, ReplyBatcher, ReplyParams, ReplyPrompt, TextStream, TurnAudio, VoxtralModel
 
@@ -46,6 +48,9 @@ class UnifiedModelManager:
         self.replies: ReplyBatcher | None = None  # "batched" engine mode
         self.tts: TTSServiceDirect | None = None
         self.memory_by_model: dict[str, float] = {}  # MiB allocated by each model (GPU)
+        # The turn-taking models (CPU, onnxruntime), loaded on first use; turn.model -> model.
+        self._silero: SileroVAD | None = None
+        self._smart_turns: dict[str, SmartTurn] = {}
 
     @classmethod
     def shared(cls, settings: Settings) -> UnifiedModelManager:
@@ -77,6 +82,11 @@ class UnifiedModelManager:
         dtype_name = str(self.dtype).removeprefix("torch.")
         self._check_plan(listen)
         if listen:
+            # First: they load in a moment, and a missing file stops the start at once.
+            if s.vad.engine == "silero":
+                self.silero_vad()
+            if s.turn.engine == "smart_turn":
+                self.smart_turn(s.turn.model)
             voxtral_source = resolve_source(s.voxtral.model, "voxtral")
             log.info("loading Voxtral from %s on %s (%s)...", voxtral_source, self.device, dtype_name)
             self.voxtral = self._measured("voxtral", lambda: self._with_fp32_fallback(
@@ -159,6 +169,25 @@ class UnifiedModelManager:
             log.debug("no memory plan (%s); each load is checked on its own", e)
             return
         self.memory.check_plan(plan)
+
+    def silero_vad(self) -> SileroVAD:
+        """The Silero VAD model every call's detector shares (loaded on first use)."""
+        if self._silero is None:
+            from agent.models.silero import SileroVAD
+
+            self._silero = SileroVAD()
+            log.info("loaded Silero VAD from %s", self._silero.path)
+        return self._silero
+
+    def smart_turn(self, model: str) -> SmartTurn:
+        """The Smart Turn end-of-turn model named by turn.model (loaded on first use)."""
+        if model not in self._smart_turns:
+            from agent.models.smart_turn import SmartTurn
+
+            loaded = SmartTurn(model)
+            log.info("loaded Smart Turn from %s", loaded.path)
+            self._smart_turns[model] = loaded
+        return self._smart_turns[model]
 
     @property
     def busy_s(self) -> float:
@@ -244,6 +273,10 @@ class UnifiedModelManager:
         if self.voxtral is not None:
             self.voxtral.unload()
         self.tts = self.voxtral = self.replies = None
+        for smart_turn in self._smart_turns.values():
+            smart_turn.close()
+        self._smart_turns.clear()
+        self._silero = None
         self.device_thread.shutdown()
         self.memory.cleanup()
         if UnifiedModelManager._instance is self:

@@ -24,8 +24,9 @@ from agent.audio import Resampler, read_audio
 from agent.call.echo import EchoGuard, _Timeline
 from agent.call.events import CallerSpeechStarted
 from agent.call.session import CallSession
-from agent.call.vad import SpeechStarted, Utterance, VADSegmenter
+from agent.call.vad import SileroDetector, SpeechStarted, Utterance, VADSegmenter
 from agent.config import load_settings
+from agent.models.silero import SileroVAD
 from signaling.headless import VirtualClock
 
 TICK = 0.02
@@ -75,11 +76,20 @@ def speech_onset(audio: np.ndarray, rate: int) -> float:
     return float(np.argmax(loud)) * n / rate
 
 
+SILERO = SileroVAD()
+
+
+def segmenter(frame_filter=None) -> VADSegmenter:
+    """The default speech detector (Silero) and the silence timer, as a session has them."""
+    settings = load_settings("tiny", env={}).vad
+    return VADSegmenter(settings, SileroDetector(SILERO.stream(), settings.threshold), frame_filter=frame_filter)
+
+
 def utterance_s(audio_8k: np.ndarray) -> float:
     """How long the VAD finds the speech in a recording alone, on a quiet line."""
     pcm = Resampler(16000).push(np.concatenate([np.zeros(LINE_RATE // 2, np.int16), audio_8k,
                                                 np.zeros(LINE_RATE * 2, np.int16)]), LINE_RATE)
-    (utt,) = [e for e in VADSegmenter(load_settings("tiny", env={}).vad).push(pcm) if isinstance(e, Utterance)]
+    (utt,) = [e for e in segmenter().push(pcm) if isinstance(e, Utterance)]
     return utt.end - utt.start
 
 
@@ -108,7 +118,7 @@ def drive(guard: EchoGuard | None, reply: np.ndarray, line: EchoLine, caller: np
         rows.append((_power(frame), _power(out), may))
         return out, may
 
-    vad = VADSegmenter(load_settings("tiny", env={}).vad, frame_filter=through_guard)
+    vad = segmenter(frame_filter=through_guard)
     to_16k = Resampler(16000)
     start, n_play = round(play_at / TICK), len(reply) // 480
     ticks = start + n_play + round(tail_s / TICK)

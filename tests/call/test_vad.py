@@ -1,4 +1,5 @@
-"""VAD segmentation on real speech (espeak-ng fixtures), silence and noise."""
+"""VAD segmentation on real speech (espeak-ng fixtures), silence and noise, with each
+detector: Silero VAD (its trained weights) and webrtcvad."""
 
 import dataclasses
 
@@ -6,14 +7,30 @@ import numpy as np
 import pytest
 
 from agent.audio import Resampler, read_audio
-from agent.call.vad import SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter
+from agent.call.vad import SileroDetector, SpeechDiscarded, SpeechStarted, Utterance, VADSegmenter, WebRtcDetector
 from agent.config import load_settings
 from agent.errors import InputError
+from agent.models.silero import SileroVAD
 
 
-@pytest.fixture(scope="module")
-def vad_settings():
-    return load_settings("tiny", env={}).vad
+@pytest.fixture(scope="module", params=["silero", "webrtc"])
+def vad_settings(request):
+    return dataclasses.replace(load_settings("tiny", env={}).vad, engine=request.param)
+
+
+def detector(settings):
+    if settings.engine == "silero":
+        return SileroDetector(_silero().stream(), settings.threshold)
+    return WebRtcDetector(settings)
+
+
+_SILERO: list[SileroVAD] = []
+
+
+def _silero() -> SileroVAD:
+    if not _SILERO:
+        _SILERO.append(SileroVAD())
+    return _SILERO[0]
 
 
 def silence(s):
@@ -21,7 +38,7 @@ def silence(s):
 
 
 def segment(settings, audio, step=480):
-    vad = VADSegmenter(settings)
+    vad = VADSegmenter(settings, detector(settings))
     events = []
     for i in range(0, len(audio), step):
         events += vad.push(audio[i:i + step])
