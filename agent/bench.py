@@ -423,7 +423,9 @@ MISSED_END_S = 1.0  # a finished sentence still undecided this long after it end
 TURN_VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("webrtc + timer", {"engine": "webrtc"}, {"engine": "silence"}),
     ("silero + timer", {"engine": "silero"}, {"engine": "silence"}),
-    ("silero + smart turn", {"engine": "silero"}, {"engine": "smart_turn"}),
+    ("silero + smart turn", {"engine": "silero"}, {"engine": "smart_turn", "preemptive": False}),
+    # The same decisions; the reply is started at each pause (only the reply times differ).
+    ("silero + smart turn + preemptive", {"engine": "silero"}, {"engine": "smart_turn", "preemptive": True}),
 ]
 
 

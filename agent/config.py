@@ -110,6 +110,7 @@ class TurnSettings:
     threshold: float
     min_silence_ms: int
     max_silence_ms: int
+    preemptive: bool
 
 
 @dataclass(frozen=True)

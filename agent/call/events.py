@@ -118,6 +118,7 @@ class TurnRecord:
     reply_text: str = ""
     interrupted: bool = False
     withdrawn: bool = False  # the caller went on before any of the reply was heard (not in the call's turns)
+    preemptive: bool = False  # the reply was started at the pause, before the turn was decided
     played_text: str | None = None  # set once known: the whole reply, or what was heard
     error: str | None = None
     # Session-clock times of the stages, and device time used, for the latency breakdown.
@@ -158,7 +159,8 @@ class TurnRecord:
         r = lambda t: None if t is None else round(t, 3)  # noqa: E731
         return {"index": self.index, "start": r(self.start), "end": r(self.end),
                 "reply": self.played_text if self.played_text is not None else self.reply_text,
-                "generated": self.reply_text, "interrupted": self.interrupted, "error": self.error,
+                "generated": self.reply_text, "interrupted": self.interrupted, "preemptive": self.preemptive,
+                "error": self.error,
                 "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
                 "latency_ms": self.latency_ms()}
 

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -69,6 +70,19 @@ class _ReplyFailed:
         self.error = error
 
 
+@dataclass
+class _Reply:
+    """A reply being written: the caller's audio it answers and Voxtral's text so far
+    (a queue of speakable pieces, ended by None). Started at a pause (preemptive), it
+    becomes the turn's reply if the turn ends in that pause, and is dropped otherwise."""
+    record: TurnRecord
+    audio: np.ndarray
+    heard: TurnAudio
+    texts: asyncio.Queue
+    producer: asyncio.Task
+    pause: int | None = None
+
+
 class CallSession:
     """One call. Create it inside a running event loop; close() when the call ends."""
 
@@ -95,6 +109,8 @@ class CallSession:
                                 end_ms=s.turn.max_silence_ms if model else None,
                                 pause_ms=s.turn.min_silence_ms if model else None)
         self._decision: asyncio.Task | None = None  # the end-of-turn model hearing the latest pause
+        self._preemptive = model and s.turn.preemptive
+        self._early: _Reply | None = None  # a reply started at the latest pause (turn.preemptive)
         self.resampler = Resampler(IN_RATE)
         frame_samples = OUT_RATE * s.session.frame_ms // 1000
         max_frames = max(1, int(s.session.max_queued_s * 1000 / s.session.frame_ms))
@@ -120,8 +136,10 @@ class CallSession:
 
     @property
     def deciding(self) -> bool:
-        """The end-of-turn model is hearing a pause of the caller's."""
-        return self._decision is not None and not self._decision.done()
+        """The end-of-turn model is hearing a pause of the caller's, or a reply started
+        at the pause (turn.preemptive) is being written."""
+        return ((self._decision is not None and not self._decision.done())
+                or (self._early is not None and not self._early.producer.done()))
 
     @property
     def history(self) -> list[ChatTurn]:
@@ -154,14 +172,18 @@ class CallSession:
         elif isinstance(event, SpeechPaused):
             self._stop_deciding()
             self._decision = asyncio.get_running_loop().create_task(self._decide(event))
+            if self._preemptive:
+                self._start_early(event)
         elif isinstance(event, SpeechResumed):
             self._stop_deciding()
+            self._drop_early()
         elif isinstance(event, Utterance):
             self._stop_deciding()
             self._emit(CallerSpeechStopped(event.end, event.end - event.start))
             self._start_turn(event)
         elif isinstance(event, SpeechDiscarded):
             self._stop_deciding()
+            self._drop_early()
             log.debug("ignored a short sound at %.2f s", event.start)
 
     async def _decide(self, pause: SpeechPaused) -> None:
@@ -178,6 +200,21 @@ class CallSession:
         log.debug("pause %d at %.2f s: turn complete with p=%.2f", pause.pause, pause.end, complete)
         if complete >= self.settings.turn.threshold:
             self._on_vad(self.vad.end_utterance())
+
+    def _start_early(self, pause: SpeechPaused) -> None:
+        """Start the reply to the turn so far before the decision (turn.preemptive): if
+        the turn ends in this pause, its first words are already written. Nothing of it is
+        spoken before then."""
+        self._drop_early()
+        start, end, decided_at = self._session_times(pause.start, pause.end, pause.decided_at)
+        record = TurnRecord(index=len(self.turns) + 1, start=start, end=end, decided_at=decided_at, preemptive=True)
+        self._early = self._reply(record, self._with_unanswered(pause.audio), pause.pause)
+
+    def _drop_early(self) -> None:
+        if self._early is not None:
+            self._early.producer.cancel()
+            log.debug("dropped the reply started at pause %s: the caller went on", self._early.pause)
+            self._early = None
 
     def _stop_deciding(self) -> None:
         if self._decision is not None and not self._decision.done() and self._decision is not asyncio.current_task():
@@ -216,23 +253,42 @@ class CallSession:
 
     # -- a turn --------------------------------------------------------------------
 
-    def _start_turn(self, utt: Utterance) -> None:
-        now = self.now()
-        lag = self.vad.now - utt.decided_at  # VAD stream time vs this moment (0 unless buffered)
-        shift = now - utt.decided_at - lag  # session time = stream time + shift
-        record = TurnRecord(index=len(self.turns) + 1, start=utt.start + shift, end=utt.end + shift,
-                            decided_at=utt.decided_at + shift, t_decision=now,
-                            busy_at_decision=self.models.busy_s)
-        audio = np.concatenate([self._unanswered, utt.audio]) if len(self._unanswered) else utt.audio
-        self._unanswered = np.zeros(0, dtype=np.int16)
-        self.turns.append(record)
-        self._current = record
-        self._turn_task = asyncio.get_running_loop().create_task(self._run_turn(record, audio))
+    def _session_times(self, start: float, end: float, decided_at: float) -> tuple[float, float, float]:
+        """(start, end, decided_at), the VAD's stream times, on the session clock."""
+        lag = self.vad.now - decided_at  # VAD stream time vs this moment (0 unless buffered)
+        shift = self.now() - decided_at - lag  # session time = stream time + shift
+        return start + shift, end + shift, decided_at + shift
 
-    async def _run_turn(self, record: TurnRecord, audio: np.ndarray) -> None:
+    def _with_unanswered(self, audio: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._unanswered, audio]) if len(self._unanswered) else audio
+
+    def _reply(self, record: TurnRecord, audio: np.ndarray, pause: int | None = None) -> _Reply:
         texts: asyncio.Queue = asyncio.Queue()
         heard = TurnAudio(_to_float(audio))
-        producer = asyncio.create_task(self._reply_text(record, heard, texts))
+        producer = asyncio.get_running_loop().create_task(self._reply_text(record, heard, texts))
+        return _Reply(record, audio, heard, texts, producer, pause)
+
+    def _start_turn(self, utt: Utterance) -> None:
+        early, self._early = self._early, None
+        if early is not None and (utt.pause is None or early.pause != utt.pause):
+            early.producer.cancel()
+            early = None
+        start, end, decided_at = self._session_times(utt.start, utt.end, utt.decided_at)
+        if early is not None:  # the turn ended in the pause its reply was started at
+            reply = early
+            reply.record.decided_at = decided_at
+        else:
+            record = TurnRecord(index=len(self.turns) + 1, start=start, end=end, decided_at=decided_at)
+            reply = self._reply(record, self._with_unanswered(utt.audio))
+        reply.record.t_decision = self.now()
+        reply.record.busy_at_decision = self.models.busy_s
+        self._unanswered = np.zeros(0, dtype=np.int16)
+        self.turns.append(reply.record)
+        self._current = reply.record
+        self._turn_task = asyncio.get_running_loop().create_task(self._run_turn(reply))
+
+    async def _run_turn(self, reply: _Reply) -> None:
+        record, audio, heard, texts, producer = reply.record, reply.audio, reply.heard, reply.texts, reply.producer
         try:
             await self._speak(record, texts)
             if record.played_text is None:
@@ -323,6 +379,7 @@ class CallSession:
         """Hang up: stop generation, drop queued audio, end the turn task."""
         self.closed = True
         self._stop_deciding()
+        self._drop_early()
         self.outbound.clear()
         task = self._turn_task
         if task is not None and not task.done():

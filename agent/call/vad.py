@@ -50,6 +50,7 @@ class Utterance:
     decided_at: float
     audio: np.ndarray
     cut: bool = False  # True when max_utterance_s ended it
+    pause: int | None = None  # the SpeechPaused it ended in (no voiced frame since), if any
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class SpeechPaused:
     """The caller has paused (`pause_ms` without a voiced frame): the turn may be over.
     `audio` is the utterance so far; `pause` numbers the pauses of one segmenter."""
     pause: int
+    start: float  # of the utterance
     end: float  # end of the last voiced frame
     decided_at: float
     audio: np.ndarray
@@ -228,17 +230,18 @@ class VADSegmenter:
         if self._pause_n is not None and not self._paused and self._unvoiced_run == self._pause_n:
             self._paused = True
             self._pauses += 1
-            return SpeechPaused(self._pauses, self._last_voiced_end, frame_end, np.concatenate(self._speech))
+            return SpeechPaused(self._pauses, self._utt_start, self._last_voiced_end, frame_end, np.concatenate(self._speech))
         return None
 
     def _finish(self, decided_at: float, cut: bool) -> Utterance | SpeechDiscarded:
+        pause = self.pause
         self._in_speech = False
         self._paused = False
         audio = np.concatenate(self._speech)
         self._speech = []
         if self._voiced_frames * self.s.frame_ms < self.s.min_utterance_ms:
             return SpeechDiscarded(self._utt_start, decided_at)
-        return Utterance(self._utt_start, self._last_voiced_end, decided_at, audio, cut=cut)
+        return Utterance(self._utt_start, self._last_voiced_end, decided_at, audio, cut=cut, pause=pause)
 
 
 def _level_db(frame: np.ndarray) -> float:

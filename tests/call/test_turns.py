@@ -236,3 +236,30 @@ def test_bench_turns_compares_the_settings_on_the_recordings():
     assert smart["complete"]["end_to_decided_ms"]["p50"] < timer["complete"]["end_to_decided_ms"]["p50"]
     assert 0 < smart["cpu"]["percent_of_a_core_per_call"] < 100
     assert turn_variant(load_settings("tiny", env={}), {"engine": "webrtc"}, {"engine": "silence"}).vad.engine == "webrtc"
+
+
+# -- preemptive replies ------------------------------------------------------------
+
+async def first_turn(models, settings, rec):
+    result = await run_call(SessionFactory(models), rec.audio, np.zeros(0, np.int16), settings, seed=5)
+    assert len(result.turns) == 1, [t.to_dict() for t in result.turns]
+    return result.turns[0]
+
+
+async def test_a_reply_started_at_the_pause_is_under_way_when_the_turn_ends(models, recordings, caplog):
+    # The model hears this sentence's end as unfinished (so the silence limit ends it, 2 s
+    # later), and its mid-sentence pause as unfinished too.
+    rec = recordings["paused-0-1.flac"]
+    caplog.set_level(logging.DEBUG, logger="agent.call.session")
+    early = await first_turn(models, smart_settings(preemptive=True), rec)
+    assert "dropped the reply started at pause 1: the caller went on" in caplog.text  # the mid-sentence one
+    assert early.preemptive and early.t_first_token is not None
+    assert early.t_first_token < early.t_decision  # written while the model waited
+    # Nothing was played before the turn was decided.
+    assert early.t_first_frame is not None and early.agent_start is not None
+    assert early.t_first_frame >= early.t_decision and early.agent_start >= early.t_decision
+    late = await first_turn(models, smart_settings(preemptive=False), rec)
+    assert not late.preemptive and late.t_first_token is not None and late.t_first_token > late.t_decision
+    # The same decision; the reply heard sooner after it.
+    assert early.decided_at - early.end == pytest.approx(late.decided_at - late.end, abs=0.1)
+    assert early.agent_start - early.t_decision < late.agent_start - late.t_decision
