@@ -132,6 +132,7 @@ class SessionSettings:
     max_queued_s: float
     min_first_chunk_chars: int
     hangup_digit: str
+    greeting: str
 
 
 @dataclass(frozen=True)

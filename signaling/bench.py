@@ -149,6 +149,8 @@ def bench_pipeline(sessions: SessionFactory, settings: Settings, caller: np.ndar
 
     from .headless import run_call
 
+    # Replies start at the decision: a preemptive one's model time straddles it.
+    settings = settings.replace("turn", preemptive=False)
     result = asyncio.run(run_call(sessions, caller, caller_24k, settings, seed=0))
     latencies = [t.latency_ms() for t in result.turns]
     return {"profile": settings.profile, "device": sessions.device, "torch": torch.__version__,

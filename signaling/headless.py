@@ -67,6 +67,7 @@ async def run_call(sessions: SessionFactory, caller_16k: np.ndarray, caller_24k:
     it in memory); without one it is returned whole in the CallResult."""
     clock = VirtualClock()
     session = sessions.new_session(settings, clock=clock, seed=seed)
+    session.greet()  # the call is "answered" as the recording starts
     in_step = int(IN_RATE * PACKET_S)
     out_step = int(OUT_RATE * PACKET_S)
     n_in = -(-len(caller_16k) // in_step)

@@ -119,6 +119,7 @@ class TurnRecord:
     interrupted: bool = False
     withdrawn: bool = False  # the caller went on before any of the reply was heard (not in the call's turns)
     preemptive: bool = False  # the reply was started at the pause, before the turn was decided
+    greeting: bool = False  # the agent spoke first (session.greeting): no caller audio before it
     played_text: str | None = None  # set once known: the whole reply, or what was heard
     error: str | None = None
     # Session-clock times of the stages, and device time used, for the latency breakdown.
@@ -135,7 +136,8 @@ class TurnRecord:
         """From the end of the caller's speech (the last voiced frame) to each stage."""
         ms = lambda t: None if t is None else round((t - self.end) * 1000, 1)  # noqa: E731
         overhead = None
-        if self.t_first_frame is not None and self.busy_at_first_frame is not None:
+        # Not for a preemptive reply: its model work straddles the decision.
+        if self.t_first_frame is not None and self.busy_at_first_frame is not None and not self.preemptive:
             span = self.t_first_frame - self.t_decision
             overhead = round((span - (self.busy_at_first_frame - self.busy_at_decision)) * 1000, 2)
         return {"vad": ms(self.t_decision), "first_token": ms(self.t_first_token),
@@ -160,6 +162,7 @@ class TurnRecord:
         return {"index": self.index, "start": r(self.start), "end": r(self.end),
                 "reply": self.played_text if self.played_text is not None else self.reply_text,
                 "generated": self.reply_text, "interrupted": self.interrupted, "preemptive": self.preemptive,
+                "greeting": self.greeting,
                 "error": self.error,
                 "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
                 "latency_ms": self.latency_ms()}

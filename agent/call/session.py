@@ -76,10 +76,10 @@ class _Reply:
     (a queue of speakable pieces, ended by None). Started at a pause (preemptive), it
     becomes the turn's reply if the turn ends in that pause, and is dropped otherwise."""
     record: TurnRecord
-    audio: np.ndarray
-    heard: TurnAudio
+    audio: np.ndarray | None  # None: the agent speaks first (the greeting)
+    heard: TurnAudio | None
     texts: asyncio.Queue
-    producer: asyncio.Task
+    producer: asyncio.Future  # what writes `texts` (a finished future when the text is known)
     pause: int | None = None
 
 
@@ -119,7 +119,7 @@ class CallSession:
         self.turns: list[TurnRecord] = []
         # Remembered turns: the caller's audio (with its features or encoding, computed once)
         # and what became of the reply.
-        self._context: deque[tuple[TurnAudio, TurnRecord]] = deque(maxlen=s.session.max_history_turns)
+        self._context: deque[tuple[TurnAudio | None, TurnRecord]] = deque(maxlen=s.session.max_history_turns)
         self._unanswered = np.zeros(0, dtype=np.int16)  # caller audio of a turn cut before any reply was heard
         self._turn_task: asyncio.Task | None = None
         self._current: TurnRecord | None = None
@@ -148,7 +148,8 @@ class CallSession:
         for audio, record in self._context:
             if not record.played_text:
                 continue  # cut before a word was heard after the turn ended
-            turns.append(ChatTurn("user", audio=audio))
+            if audio is not None:  # None: the greeting, which no caller audio came before
+                turns.append(ChatTurn("user", audio=audio))
             turns.append(ChatTurn("assistant", text=record.played_text or ""))
         return turns
 
@@ -253,6 +254,29 @@ class CallSession:
 
     # -- a turn --------------------------------------------------------------------
 
+    def greet(self) -> None:
+        """The call was answered: speak session.greeting ("" says nothing) as the agent's
+        first turn, which the caller can barge into like any reply. Once per call, and only
+        before anything else was said."""
+        text = self.settings.session.greeting.strip()
+        if not text or self.closed or self.turns or self._turn_task is not None:
+            return
+        now = self.now()
+        record = TurnRecord(index=1, start=now, end=now, decided_at=now, t_decision=now,
+                            busy_at_decision=self.models.busy_s, reply_text=text, greeting=True)
+        texts: asyncio.Queue = asyncio.Queue()
+        segmenter = TextSegmenter(self.settings.session.min_first_chunk_chars)
+        for piece in [*segmenter.push(text), segmenter.flush()]:
+            if piece:
+                texts.put_nowait(piece)
+        texts.put_nowait(None)
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(None)  # nothing to write: the text is known
+        self.turns.append(record)
+        self._current = record
+        reply = _Reply(record, None, None, texts, written)
+        self._turn_task = asyncio.get_running_loop().create_task(self._run_turn(reply))
+
     def _session_times(self, start: float, end: float, decided_at: float) -> tuple[float, float, float]:
         """(start, end, decided_at), the VAD's stream times, on the session clock."""
         lag = self.vad.now - decided_at  # VAD stream time vs this moment (0 unless buffered)
@@ -305,12 +329,13 @@ class CallSession:
             await asyncio.gather(producer, return_exceptions=True)
             self._remember(record, audio, heard)
 
-    def _remember(self, record: TurnRecord, audio: np.ndarray, heard: TurnAudio) -> None:
+    def _remember(self, record: TurnRecord, audio: np.ndarray | None, heard: TurnAudio | None) -> None:
         if record.error is not None:
             return
         if record.withdrawn or (record.interrupted and not record.played_text):
             # Nothing was heard: the caller's words belong with what they say next.
-            self._unanswered = audio
+            if audio is not None:
+                self._unanswered = audio
             return
         if self._context.maxlen:
             self._context.append((heard, record))

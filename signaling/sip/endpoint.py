@@ -357,6 +357,8 @@ class SipEndpoint(asyncio.DatagramProtocol):
         """The dialog is confirmed (the ACK came, or the callee's 200): media may go out, to
         where the peer's own packets come from, and a peer that then falls silent is watched for."""
         call.confirmed = True
+        if call.session is not None:
+            call.session.greet()
         if call.rtp is not None:
             call.rtp.confirm()
             self._call_task(call, self._watch_media(call), "media_watch")

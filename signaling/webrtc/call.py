@@ -261,6 +261,8 @@ class WebRTCCall:
             if state == "connected":
                 self._last_audio = time.monotonic()
                 self._connected.set()
+                if self.session is not None:
+                    self.session.greet()
             if state == "failed":
                 self.failure = self._failure_cause()
                 log.warning("call %s: connection failed: %s", self.id, self.failure)

@@ -1,0 +1,109 @@
+"""The agent speaks first (session.greeting): in a headless run, over WebRTC and over SIP,
+as the first turn of the history, and the caller can talk over it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+
+from agent.call.factory import SessionFactory
+from signaling.headless import run_call
+from signaling.server import create_app
+from signaling.sip.endpoint import SipServer
+from signaling.sip.phone import LoopbackPhone
+from signaling.webrtc.loopback import Caller
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+GREETING = "Hello! How can I help you today?"
+
+
+def silence(s):
+    return np.zeros(int(16000 * s), dtype=np.int16)
+
+
+@pytest.fixture
+def greeting_settings(tiny_settings):
+    # Short replies: the tiny model's speech is noise as long as max_tokens allows.
+    return tiny_settings.replace("session", greeting=GREETING).replace("orpheus", max_tokens=140)
+
+
+async def test_a_run_starts_with_the_greeting_and_it_is_the_first_turn_of_the_history(models, greeting_settings, speech):
+    seen = []
+    real = models.voxtral.reply_prompt
+
+    def recording(audio, history, *args, **kwargs):
+        seen.append([(t.role, t.text, t.audio is not None) for t in history])
+        return real(audio, history, *args, **kwargs)
+
+    models.voxtral.reply_prompt = recording
+    try:
+        caller = np.concatenate([silence(8.0), speech[1], silence(5.0)])
+        result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), greeting_settings, seed=1)
+    finally:
+        models.voxtral.reply_prompt = real
+    greeting, answer = result.turns
+    assert greeting.greeting and greeting.index == 1 and not answer.greeting
+    assert greeting.played_text == GREETING and not greeting.interrupted
+    assert greeting.agent_start is not None and greeting.agent_start < 2.0  # spoken at once
+    assert answer.start > greeting.agent_end  # the caller spoke after it
+    # Voxtral's history for the answer: the greeting as the agent's turn, no caller audio before it.
+    assert seen == [[("assistant", GREETING, False)]]
+    # The recording's agent channel holds speech from the start.
+    agent = result.recording[:, 1]
+    assert np.abs(agent[:24000 * 2]).max() > 0
+
+
+async def test_the_caller_can_talk_over_the_greeting(models, greeting_settings, speech):
+    settings = greeting_settings.replace("orpheus", max_tokens=700)  # a long greeting to cut
+    caller = np.concatenate([silence(1.5), speech[1], silence(5.0)])
+    result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), settings, seed=2)
+    greeting = result.turns[0]
+    assert greeting.greeting and greeting.interrupted
+    assert greeting.agent_end is not None and greeting.agent_end < 1.5 + len(speech[1]) / 16000
+    assert len(result.turns) == 2 and result.turns[1].reply_text  # and the caller is answered
+
+
+async def test_no_greeting_by_default(models, tiny_settings, speech):
+    caller = np.concatenate([silence(3.0), speech[1], silence(5.0)])
+    result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), tiny_settings, seed=3)
+    assert len(result.turns) == 1 and not result.turns[0].greeting
+    assert result.turns[0].agent_start > 3.0
+
+
+async def test_a_webrtc_caller_hears_the_greeting_without_saying_anything(models, greeting_settings):
+    server = TestServer(create_app(SessionFactory(models), greeting_settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            caller = Caller(str(server.make_url("")))
+            await caller.dial(http)
+            await caller.wait_for(lambda: bool(caller.loud_since(0)), timeout=30)
+            await caller.wait_for(lambda: any(m["type"] == "turn" for m in caller.messages), timeout=30)
+            turn = next(m for m in caller.messages if m["type"] == "turn")
+            assert turn["turn"] == 1 and turn["reply"] == GREETING
+            await caller.pc.close()
+    finally:
+        await server.close()
+
+
+async def test_a_phone_caller_hears_the_greeting_once_the_ack_came(models, greeting_settings):
+    server = SipServer(SessionFactory(models), greeting_settings, "127.0.0.1", 0)
+    await server.start()
+    phone = LoopbackPhone("127.0.0.1", server.port, call_id="greeting-call")
+    try:
+        await phone.dial()
+        dialled = time.monotonic()
+        deadline = dialled + 30
+        while not phone.loud_since(dialled) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert phone.loud_since(dialled), "no greeting heard"
+        call = server.calls["greeting-call"]
+        assert call.session is not None and call.session.turns[0].greeting
+    finally:
+        await phone.hang_up()
+        await server.close()
