@@ -133,6 +133,11 @@ class SessionSettings:
     min_first_chunk_chars: int
     hangup_digit: str
     greeting: str
+    idle_prompt: str
+    idle_prompt_s: float
+    idle_hangup_s: float
+    barge_in_ms: int
+    resume_after_ms: int
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,10 @@ _RANGES = {
     "session.max_history_turns": (0, 1000),
     "session.max_queued_s": (0.1, 600.0),
     "session.min_first_chunk_chars": (1, 10_000),
+    "session.idle_prompt_s": (0.0, 86_400.0),
+    "session.barge_in_ms": (0, 10_000),
+    "session.resume_after_ms": (20, 10_000),
+    "session.idle_hangup_s": (0.0, 86_400.0),
     "server.port": (0, 65535),
     "server.sip_port": (0, 65535),
     "server.max_calls": (1, 10_000),
@@ -392,5 +401,8 @@ def _check_cross(s: Settings) -> None:
     if s.turn.engine == "smart_turn" and s.turn.min_silence_ms >= s.turn.max_silence_ms:
         raise ConfigError(f"setting turn.min_silence_ms ({s.turn.min_silence_ms}) must be below turn.max_silence_ms "
                           f"({s.turn.max_silence_ms})")
+    if s.session.idle_prompt_s and s.session.idle_hangup_s and s.session.idle_hangup_s <= s.session.idle_prompt_s:
+        raise ConfigError(f"setting session.idle_hangup_s ({s.session.idle_hangup_s:g}) must be above "
+                          f"session.idle_prompt_s ({s.session.idle_prompt_s:g}), or 0 (off)")
     if s.orpheus.max_tokens % 7:
         raise ConfigError(f"setting orpheus.max_tokens must be a multiple of 7 (one frame); got {s.orpheus.max_tokens}")

@@ -86,6 +86,8 @@ async def run_call(sessions: SessionFactory, caller_16k: np.ndarray, caller_24k:
             waiting = session.agent_busy or session.vad.in_speech
             if i >= n_in and (not waiting or t > n_in * PACKET_S + TAIL_LIMIT_S):
                 break
+            if session.ended.is_set():  # the agent hung up (an idle caller)
+                break
             if realtime or session.agent_busy or session.deciding:  # the model's time is real time
                 await clock.sleep_until(t)
             else:

@@ -565,11 +565,20 @@
       case "interrupted":
         onInterrupted(c, msg);
         break;
+      case "paused": // the caller made a sound: the agent holds its reply
+        onPaused(c, msg);
+        break;
+      case "resumed": // it was short (a cough, an "mhm"): the agent plays on
+        onResumed(c, msg);
+        break;
       case "turn":
         onTurn(c, msg);
         break;
       case "turn_failed":
         onTurnFailed(c, msg);
+        break;
+      case "hangup": // the agent ended the call (the caller stayed silent)
+        endCall(c, { note: msg.reason === "idle caller" ? "The agent hung up: no answer" : "The agent hung up" });
         break;
       default:
         break; // unknown events are ignored
@@ -703,7 +712,26 @@
     renderAgentAndFollow(entry);
   }
 
+  function onPaused(c, msg) {
+    const entry = agentLine(c, msg.turn);
+    if (!entry.el.querySelector(".tag.paused")) addTag(entry.meta, "paused", "Paused");
+    renderAgentAndFollow(entry);
+  }
+
+  function onResumed(c, msg) {
+    const entry = agentLine(c, msg.turn);
+    const tag = entry.el.querySelector(".tag.paused");
+    if (tag) tag.remove();
+    entry.resumes = (entry.resumes || 0) + 1;
+    let resumed = entry.el.querySelector(".tag.resumed");
+    if (!resumed) resumed = addTag(entry.meta, "resumed", "");
+    resumed.textContent = entry.resumes > 1 ? `Resumed ×${entry.resumes}` : "Resumed";
+    renderAgentAndFollow(entry);
+  }
+
   function onInterrupted(c, msg) {
+    const pausedTag = agentLine(c, msg.turn).el.querySelector(".tag.paused");
+    if (pausedTag) pausedTag.remove();
     const entry = agentLine(c, msg.turn);
     entry.interrupted = true;
     entry.heard = typeof msg.heard === "string" ? msg.heard : "";

@@ -38,6 +38,23 @@ class AgentInterrupted:
 
 
 @dataclass(frozen=True)
+class AgentPaused:
+    """The caller made a sound while the agent spoke: its audio is held where it was,
+    until the sound proves an interruption (session.barge_in_ms of speech: AgentInterrupted)
+    or ends (AgentResumed)."""
+    turn: int
+    t: float
+
+
+@dataclass(frozen=True)
+class AgentResumed:
+    """The caller's sound was short (a cough, an "mhm"): the agent plays on where it paused."""
+    turn: int
+    t: float
+    paused_s: float
+
+
+@dataclass(frozen=True)
 class TurnFinished:
     """A turn is over; its record has the reply as heard and its latencies."""
     turn: TurnRecord
@@ -51,14 +68,22 @@ class TurnFailed:
 
 
 @dataclass(frozen=True)
+class AgentHungUp:
+    """The agent ended the call itself (the caller stayed silent for session.idle_hangup_s);
+    the transport hangs up (SIP BYE, WebRTC closed, `run` finishes)."""
+    reason: str
+    t: float
+
+
+@dataclass(frozen=True)
 class DtmfReceived:
     """The caller pressed a key (RFC 4733 telephone-event)."""
     digit: str  # 0-9, *, #, A-D
     t: float
 
 
-SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | TurnFinished
-                | TurnFailed | DtmfReceived)
+SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | AgentPaused
+                | AgentResumed | TurnFinished | TurnFailed | DtmfReceived | AgentHungUp)
 
 
 def event_message(event: SessionEvent) -> dict[str, Any]:
@@ -72,6 +97,10 @@ def event_message(event: SessionEvent) -> dict[str, Any]:
         return {"type": "reply_text", "turn": event.turn, "text": event.text}
     if isinstance(event, AgentInterrupted):
         return {"type": "interrupted", "turn": event.turn, "heard": event.played_text}
+    if isinstance(event, AgentPaused):
+        return {"type": "paused", "turn": event.turn, "t": round(event.t, 3)}
+    if isinstance(event, AgentResumed):
+        return {"type": "resumed", "turn": event.turn, "t": round(event.t, 3), "paused_s": round(event.paused_s, 3)}
     if isinstance(event, TurnFinished):
         return {"type": "turn", "turn": event.turn.index, "reply": event.turn.played_text,
                 "latency_ms": event.turn.latency_ms()}
@@ -79,6 +108,8 @@ def event_message(event: SessionEvent) -> dict[str, Any]:
         return {"type": "turn_failed", "turn": event.turn, "error": event.error}
     if isinstance(event, DtmfReceived):
         return {"type": "dtmf", "digit": event.digit, "t": round(event.t, 3)}
+    if isinstance(event, AgentHungUp):
+        return {"type": "hangup", "reason": event.reason, "t": round(event.t, 3)}
     raise TypeError(f"not a session event: {event!r}")
 
 
@@ -94,6 +125,8 @@ def event_line(event: SessionEvent) -> str | None:
         return f"turn {event.turn}: failed: {event.error}"
     if isinstance(event, DtmfReceived):
         return f"DTMF {event.digit} at {event.t:.2f} s"
+    if isinstance(event, AgentHungUp):
+        return f"the agent hung up at {event.t:.2f} s: {event.reason}"
     return None
 
 
@@ -119,7 +152,10 @@ class TurnRecord:
     interrupted: bool = False
     withdrawn: bool = False  # the caller went on before any of the reply was heard (not in the call's turns)
     preemptive: bool = False  # the reply was started at the pause, before the turn was decided
-    greeting: bool = False  # the agent spoke first (session.greeting): no caller audio before it
+    # "reply" (to the caller's utterance), "greeting" (session.greeting, when the call was
+    # answered) or "idle_prompt" (session.idle_prompt, the caller silent): the last two
+    # have no caller audio of their own.
+    kind: str = "reply"
     played_text: str | None = None  # set once known: the whole reply, or what was heard
     error: str | None = None
     # Session-clock times of the stages, and device time used, for the latency breakdown.
@@ -162,7 +198,7 @@ class TurnRecord:
         return {"index": self.index, "start": r(self.start), "end": r(self.end),
                 "reply": self.played_text if self.played_text is not None else self.reply_text,
                 "generated": self.reply_text, "interrupted": self.interrupted, "preemptive": self.preemptive,
-                "greeting": self.greeting,
+                "kind": self.kind,
                 "error": self.error,
                 "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
                 "latency_ms": self.latency_ms()}

@@ -1,5 +1,6 @@
 """The per-call audio seam toward the caller: the agent's audio queued as fixed-size frames
-for the transport's player, with backpressure for TTS and clear() for barge-in."""
+for the transport's player, with backpressure for TTS, clear() for barge-in, and hold() /
+release() to pause the agent mid-word while a sound may be an interruption."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class OutboundAudio:
         self._carry_tag = (0, 0)
         self._space = asyncio.Event()
         self._space.set()
+        self.held = False  # the player gets nothing (silence) until release(); the queue stays
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -66,7 +68,7 @@ class OutboundAudio:
             self._carry = np.zeros(0, dtype=np.int16)
 
     def get_nowait(self) -> OutFrame | None:
-        if not self._frames:
+        if self.held or not self._frames:
             return None
         frame = self._frames.popleft()
         self._space.set()
@@ -74,7 +76,16 @@ class OutboundAudio:
             self.on_played(frame)
         return frame
 
+    def hold(self) -> None:
+        """Pause playback where it is: the queued audio waits (and TTS with it)."""
+        self.held = True
+
+    def release(self) -> None:
+        """Play on from where hold() paused."""
+        self.held = False
+
     def clear(self) -> int:
+        self.held = False
         dropped = len(self._frames)
         self._frames.clear()
         self._carry = np.zeros(0, dtype=np.int16)

@@ -30,8 +30,11 @@ import numpy as np
 from agent.audio import Resampler
 from agent.call.echo import EchoGuard
 from agent.call.events import (
+    AgentHungUp,
     AgentInterrupted,
+    AgentPaused,
     AgentReplyText,
+    AgentResumed,
     CallerSpeechStarted,
     CallerSpeechStopped,
     DtmfReceived,
@@ -111,6 +114,14 @@ class CallSession:
         self._decision: asyncio.Task | None = None  # the end-of-turn model hearing the latest pause
         self._preemptive = model and s.turn.preemptive
         self._early: _Reply | None = None  # a reply started at the latest pause (turn.preemptive)
+        # An idle caller (session.idle_prompt_s, idle_hangup_s): since when the agent has
+        # finished its turn and the caller has said nothing, and whether they were asked.
+        self._idle_armed = False
+        self._quiet_since: float | None = None
+        self._prompted = False
+        self.ended = asyncio.Event()  # the session ended the call itself: the transport hangs up
+        self._held_since: float | None = None  # the agent's audio is held for a sound of the caller's
+        self.end_reason: str | None = None
         self.resampler = Resampler(IN_RATE)
         frame_samples = OUT_RATE * s.session.frame_ms // 1000
         max_frames = max(1, int(s.session.max_queued_s * 1000 / s.session.frame_ms))
@@ -164,12 +175,18 @@ class CallSession:
             self.echo.received(len(pcm))
         for event in self.vad.push(pcm):
             self._on_vad(event)
+        self._check_hold()
+        self._check_idle()
 
     def _on_vad(self, event: VADEvent | None) -> None:
         if isinstance(event, SpeechStarted):
+            self._idle_armed, self._quiet_since, self._prompted = False, None, False
             self._emit(CallerSpeechStarted(event.start))
             if self.agent_busy:
-                self.barge_in()
+                self._hold() if self._may_hold() else self.barge_in()
+        elif self._held_since is not None and isinstance(event, (SpeechPaused, Utterance, SpeechDiscarded)):
+            if not isinstance(event, SpeechPaused):  # over before it was a barge-in: a backchannel
+                self._resume()
         elif isinstance(event, SpeechPaused):
             self._stop_deciding()
             self._decision = asyncio.get_running_loop().create_task(self._decide(event))
@@ -230,11 +247,51 @@ class CallSession:
         self._emit(DtmfReceived(digit, self.now()))
         return digit == self.settings.session.hangup_digit
 
+    def _may_hold(self) -> bool:
+        """A sound of the caller's pauses the agent (rather than cutting it) while the
+        agent's reply is being heard, when session.barge_in_ms asks for more speech than
+        the VAD needed to start."""
+        record = self._current
+        return (self.settings.session.barge_in_ms > self.settings.vad.start_ms and record is not None
+                and record.agent_start is not None and not record.interrupted)
+
+    def _hold(self) -> None:
+        self.outbound.hold()
+        self._held_since = self.now()
+        assert self._current is not None  # _may_hold() checked it
+        self._emit(AgentPaused(self._current.index, self._held_since))
+
+    def _check_hold(self) -> None:
+        """While the agent is held: enough speech is a barge-in; a pause lets it play on."""
+        if self._held_since is None:
+            return
+        s = self.settings.session
+        if self.vad.in_speech and self.vad.voiced_ms >= s.barge_in_ms:
+            self.barge_in()
+        elif not self.vad.in_speech or self.vad.silent_ms >= s.resume_after_ms:
+            self._resume()
+
+    def _resume(self) -> None:
+        """The caller's sound is over and was short: forget it and play on."""
+        if self._held_since is None:
+            return
+        if self.vad.in_speech:
+            self.vad.drop_utterance()
+        self._stop_deciding()
+        self._drop_early()
+        now, since = self.now(), self._held_since
+        self._held_since = None
+        self.outbound.release()
+        record = self._current
+        log.info("a short sound while the agent spoke (%.2f s held): playing on", now - since)
+        self._emit(AgentResumed(record.index if record is not None else 0, now, now - since))
+
     def barge_in(self) -> None:
         """The caller talks over the agent: stop the turn and drop its queued audio now.
         When none of the reply had been heard yet, the caller had not finished: the turn
         is taken back (removed from `turns`), and its words go with what they say next."""
         record = self._current
+        self._held_since = None
         dropped = self.outbound.clear()
         if self._turn_task is not None and not self._turn_task.done():
             self._turn_task.cancel()
@@ -258,12 +315,38 @@ class CallSession:
         """The call was answered: speak session.greeting ("" says nothing) as the agent's
         first turn, which the caller can barge into like any reply. Once per call, and only
         before anything else was said."""
-        text = self.settings.session.greeting.strip()
-        if not text or self.closed or self.turns or self._turn_task is not None:
+        if not self.turns and self._turn_task is None:
+            self._say(self.settings.session.greeting, "greeting")
+
+    def _check_idle(self) -> None:
+        """After the agent's turn, a caller silent for session.idle_prompt_s is asked
+        session.idle_prompt, and one silent for session.idle_hangup_s is hung up on."""
+        s = self.settings.session
+        if not self._idle_armed or self.ended.is_set() or not (s.idle_prompt_s or s.idle_hangup_s):
+            return
+        if self.agent_busy or self.vad.in_speech or self.deciding:
+            return  # the silence counts on through the prompt itself
+        now = self.now()
+        if self._quiet_since is None:
+            self._quiet_since = now
+        quiet = now - self._quiet_since
+        if s.idle_hangup_s and quiet >= s.idle_hangup_s:
+            log.info("the caller said nothing for %.0f s: hanging up", quiet)
+            self.end_reason = "idle caller"
+            self._emit(AgentHungUp(self.end_reason, now))
+            self.ended.set()
+        elif s.idle_prompt_s and not self._prompted and quiet >= s.idle_prompt_s:
+            self._prompted = True
+            self._say(s.idle_prompt, "idle_prompt")
+
+    def _say(self, text: str, kind: str) -> None:
+        """Speak a known text as an agent turn of its own (no caller audio before it)."""
+        text = text.strip()
+        if not text or self.closed:
             return
         now = self.now()
-        record = TurnRecord(index=1, start=now, end=now, decided_at=now, t_decision=now,
-                            busy_at_decision=self.models.busy_s, reply_text=text, greeting=True)
+        record = TurnRecord(index=len(self.turns) + 1, start=now, end=now, decided_at=now, t_decision=now,
+                            busy_at_decision=self.models.busy_s, reply_text=text, kind=kind)
         texts: asyncio.Queue = asyncio.Queue()
         segmenter = TextSegmenter(self.settings.session.min_first_chunk_chars)
         for piece in [*segmenter.push(text), segmenter.flush()]:
@@ -318,6 +401,9 @@ class CallSession:
             if record.played_text is None:
                 record.played_text = " ".join(seg.text for seg in record.segments)
             self._emit(TurnFinished(record))
+            if record.kind != "idle_prompt":  # the silence after the prompt still counts from before it
+                self._quiet_since, self._prompted = None, False
+            self._idle_armed = True
         except asyncio.CancelledError:
             pass  # barge-in or hang-up; barge_in() recorded what was heard
         except Exception as e:  # a model failure ends this turn only

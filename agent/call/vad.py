@@ -180,6 +180,22 @@ class VADSegmenter:
         """The number of the pause the caller is in now (since a SpeechPaused), else None."""
         return self._pauses if self._paused else None
 
+    @property
+    def voiced_ms(self) -> int:
+        """Voiced audio in the utterance so far (0 outside one)."""
+        return self._voiced_frames * self.s.frame_ms if self._in_speech else 0
+
+    @property
+    def silent_ms(self) -> int:
+        """Time since the utterance's last voiced frame (0 outside one)."""
+        return self._unvoiced_run * self.s.frame_ms if self._in_speech else 0
+
+    def drop_utterance(self) -> None:
+        """Forget the utterance under way, with no event (a sound taken for a backchannel)."""
+        self._in_speech = False
+        self._paused = False
+        self._speech = []
+
     def end_utterance(self) -> Utterance | SpeechDiscarded | None:
         """End the utterance now (the end-of-turn model heard a finished turn); None
         when there is none."""

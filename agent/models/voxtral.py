@@ -308,7 +308,10 @@ class VoxtralModel(InProcessModel):
                         continue
                     messages.append({"role": "user", "content": [{"type": "text", "text": pending}]})
                     pending = ""
-                messages.append({"role": "assistant", "content": turn.text})
+                if messages[-1]["role"] == "assistant":  # the agent spoke twice (an idle prompt)
+                    messages[-1]["content"] += " " + turn.text
+                else:
+                    messages.append({"role": "assistant", "content": turn.text})
             elif turn.role == "user":
                 texts = [{"type": "text", "text": t} for t in (pending, turn.text) if t]
                 pending = ""

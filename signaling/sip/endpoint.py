@@ -349,6 +349,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
                          lambda digit: self._dtmf(call, digit), on_failure=lambda e: self._media_failed(call, e),
                          confirmed=False)
         call.codec, call.session, call.rtp = codec, session, rtp  # set first, so that _end() closes them whatever happens
+        self._call_task(call, self._end_when_the_session_does(call, session), "session_end")
         await rtp.start(sock=sock)
         if confirmed:
             self._confirmed(call)
@@ -362,6 +363,11 @@ class SipEndpoint(asyncio.DatagramProtocol):
         if call.rtp is not None:
             call.rtp.confirm()
             self._call_task(call, self._watch_media(call), "media_watch")
+
+    async def _end_when_the_session_does(self, call: SipCall, session: CallSession) -> None:
+        """The agent hangs up (session.idle_hangup_s): BYE."""
+        await session.ended.wait()
+        await self._end(call, f"agent hung up: {session.end_reason}", bye=True)
 
     async def _watch_media(self, call: SipCall) -> None:
         """End the call once the peer has sent no RTP at all for server.media_timeout_s."""

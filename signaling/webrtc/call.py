@@ -28,8 +28,11 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcpeerconnection import find_common_codecs
 
 from agent.call.events import (
+    AgentHungUp,
     AgentInterrupted,
+    AgentPaused,
     AgentReplyText,
+    AgentResumed,
     CallerSpeechStarted,
     CallerSpeechStopped,
     TurnFailed,
@@ -82,7 +85,9 @@ class SessionAudioTrack(MediaStreamTrack):
         return out
 
 
-PAGE_EVENTS = (CallerSpeechStarted, CallerSpeechStopped, AgentReplyText, AgentInterrupted, TurnFinished, TurnFailed)
+PAGE_EVENTS = (CallerSpeechStarted, CallerSpeechStopped, AgentReplyText, AgentInterrupted, AgentPaused,
+               AgentResumed, TurnFinished, TurnFailed, AgentHungUp)
+HANGUP_NOTICE_S = 0.2  # time for the page's "hangup" message to go out before the call closes
 
 
 def event_json(event: Any) -> str | None:
@@ -213,6 +218,7 @@ class WebRTCCall:
             await self.close("bad_offer")
             raise
         self.session = self.sessions.new_session(self.settings, voice=self.voice)
+        self._spawn(self._end_when_the_session_does(self.session), "session end")
         self.track = SessionAudioTrack(self.session.outbound)
         self._peer_sends_audio = any(m.kind == "audio" and m.direction in ("sendrecv", "sendonly")
                                      for m in parsed.media)
@@ -283,6 +289,12 @@ class WebRTCCall:
                          f"DTLS {dtls.state} as {'server' if dtls._role == 'server' else 'client'}")
         parts.extend(dict.fromkeys(self._dtls_failures))  # aiortc's own words, once each
         return "; ".join(parts) or "unknown"
+
+    async def _end_when_the_session_does(self, session: CallSession) -> None:
+        """The agent hangs up (session.idle_hangup_s): close the call."""
+        await session.ended.wait()
+        await asyncio.sleep(HANGUP_NOTICE_S)  # the forwarder sends the page the hangup first
+        await self.close(f"agent hung up: {session.end_reason}")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         """Run one of the call's tasks: a failure is logged once and ends the call."""
