@@ -5,11 +5,13 @@
         ─► Voxtral reply, streamed token by token ─► TextSegmenter (first clause, then sentences)
         ─► TTSServiceDirect ─► OutboundAudio (fixed-size frames) ─► the transport's player
 
-A transport only calls push_audio() with what it receives and takes frames from
-`outbound` at its own pace (20 ms by default); `events` tells what happened. When the
-caller starts speaking while the agent is thinking or talking (barge-in), the turn is
-cancelled, which stops generation, and the queued audio is dropped at once; the
-conversation keeps only the part of the reply that was played. On phone lines the
+A transport only calls push_audio() with what it receives, takes frames from
+`outbound` at its own pace (20 ms by default), calls greet() when the call is answered
+and hangs up when `ended` is set (an idle caller); `events` tells what happened. When
+the caller starts speaking while the agent talks, its audio is held; a short sound lets
+it play on, and session.barge_in_ms of speech is a barge-in: the turn is cancelled,
+which stops generation, and the queued audio is dropped at once; the conversation keeps
+only the part of the reply that was played. On phone lines the
 agent's own voice comes back as echo: an EchoGuard (agent/call/echo.py) in front of the VAD,
 fed every frame played, keeps it from counting as the caller barging in.
 """
@@ -120,8 +122,8 @@ class CallSession:
         self._quiet_since: float | None = None
         self._prompted = False
         self.ended = asyncio.Event()  # the session ended the call itself: the transport hangs up
-        self._held_since: float | None = None  # the agent's audio is held for a sound of the caller's
         self.end_reason: str | None = None
+        self._held_since: float | None = None  # the agent's audio is held for a sound of the caller's
         self.resampler = Resampler(IN_RATE)
         frame_samples = OUT_RATE * s.session.frame_ms // 1000
         max_frames = max(1, int(s.session.max_queued_s * 1000 / s.session.frame_ms))
