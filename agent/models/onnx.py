@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from agent.engine.generation import first_line
 from agent.errors import ModelInitializationError
 
 
@@ -36,6 +37,5 @@ def open_session(path: Path, what: str, provider: str) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelInitializationError(f"{what} model file {path} cannot be read (it comes from {provider}): "
-                                       f"{first}") from None
+                                       f"{first_line(e)}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
+from agent.engine.generation import first_line
 from agent.errors import ModelInitializationError
 from agent.models.onnx import open_session, packaged_file
 from agent.rates import IN_RATE
@@ -43,9 +44,8 @@ def resolve_model(setting: str) -> tuple[Path, str]:
     try:
         return Path(hf_hub_download(repo, filename)), f"the Hub repository {repo}"
     except Exception as e:  # offline, unknown repository or file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelInitializationError(f"Smart Turn model {filename} could not be fetched from the Hub "
-                                       f"repository {repo} (turn.model): {first}") from None
+                                       f"repository {repo} (turn.model): {first_line(e)}") from None
 
 
 class SmartTurn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import aiohttp
 import numpy as np
@@ -22,6 +23,23 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 GREETING = "Hello! How can I help you today?"
 
 
+@contextmanager
+def histories(models):
+    """The history of each Voxtral prompt built meanwhile, as (role, text, has audio)."""
+    seen: list[list[tuple]] = []
+    real = models.voxtral.reply_prompt
+
+    def recording(audio, history, *args, **kwargs):
+        seen.append([(t.role, t.text, t.audio is not None) for t in history])
+        return real(audio, history, *args, **kwargs)
+
+    models.voxtral.reply_prompt = recording
+    try:
+        yield seen
+    finally:
+        models.voxtral.reply_prompt = real
+
+
 def silence(s):
     return np.zeros(int(16000 * s), dtype=np.int16)
 
@@ -33,19 +51,9 @@ def greeting_settings(tiny_settings):
 
 
 async def test_a_run_starts_with_the_greeting_and_it_is_the_first_turn_of_the_history(models, greeting_settings, speech):
-    seen = []
-    real = models.voxtral.reply_prompt
-
-    def recording(audio, history, *args, **kwargs):
-        seen.append([(t.role, t.text, t.audio is not None) for t in history])
-        return real(audio, history, *args, **kwargs)
-
-    models.voxtral.reply_prompt = recording
-    try:
+    with histories(models) as seen:
         caller = np.concatenate([silence(8.0), speech[1], silence(5.0)])
         result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), greeting_settings, seed=1)
-    finally:
-        models.voxtral.reply_prompt = real
     greeting, answer = result.turns
     assert greeting.kind == "greeting" and greeting.index == 1 and answer.kind == "reply"
     assert greeting.played_text == GREETING and not greeting.interrupted
@@ -114,20 +122,10 @@ async def test_a_phone_caller_hears_the_greeting_once_the_ack_came(models, greet
 async def test_an_idle_caller_is_asked_then_hung_up_on(models, tiny_settings, speech):
     settings = tiny_settings.replace("orpheus", max_tokens=140).replace(
         "session", idle_prompt="Are you still there?", idle_prompt_s=3.0, idle_hangup_s=8.0)
-    seen = []
-    real = models.voxtral.reply_prompt
-
-    def recording(audio, history, *args, **kwargs):
-        seen.append([(t.role, t.text) for t in history])
-        return real(audio, history, *args, **kwargs)
-
-    models.voxtral.reply_prompt = recording
-    try:
+    with histories(models) as seen:
         # A question, then silence far longer than the hang-up: the run ends at the hang-up.
         caller = np.concatenate([silence(0.5), speech[1], silence(60.0)])
         result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), settings, seed=4)
-    finally:
-        models.voxtral.reply_prompt = real
     answer, prompt = result.turns
     assert answer.kind == "reply" and prompt.kind == "idle_prompt" and prompt.played_text == "Are you still there?"
     assert answer.agent_end is not None and prompt.agent_start is not None
@@ -140,21 +138,11 @@ async def test_an_idle_caller_is_asked_then_hung_up_on(models, tiny_settings, sp
 async def test_a_caller_who_answers_the_prompt_is_not_hung_up_on(models, tiny_settings, speech):
     settings = tiny_settings.replace("orpheus", max_tokens=140).replace(
         "session", idle_prompt_s=3.0, idle_hangup_s=12.0)
-    seen = []
-    real = models.voxtral.reply_prompt
-
-    def recording(audio, history, *args, **kwargs):
-        seen.append([(t.role, t.text) for t in history])
-        return real(audio, history, *args, **kwargs)
-
-    models.voxtral.reply_prompt = recording
-    try:
+    with histories(models) as seen:
         # Answer the prompt 9 s after the question (the prompt is over by then), then stay
         # silent: the idle clock starts over after the second reply.
         caller = np.concatenate([silence(0.5), speech[1], silence(9.0), speech[0], silence(40.0)])
         result = await run_call(SessionFactory(models), caller, np.zeros(0, np.int16), settings, seed=5)
-    finally:
-        models.voxtral.reply_prompt = real
     kinds = [t.kind for t in result.turns]
     assert kinds[:3] == ["reply", "idle_prompt", "reply"], kinds
     # The second reply's history holds the prompt as the agent's words after its answer.
