@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily
 from agent.call.events import TurnFinished
 from agent.call.factory import SessionFactory
 from agent.config import Settings
+from agent.process import MemoryTrimmer
 from signaling.slots import CallSlots
 from signaling.webrtc.call import BadOffer, WebRTCCall
 
@@ -115,7 +116,8 @@ def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
     app[SESSIONS] = sessions
     app[SETTINGS] = settings
     app[CALLS] = {}
-    app[SLOTS] = CallSlots(settings.server.max_calls)
+    # Each call that ends hands its freed heap pages back (agent/process.py MemoryTrimmer).
+    app[SLOTS] = CallSlots(settings.server.max_calls, on_release=MemoryTrimmer().soon)
     app[METRICS] = Metrics(lambda: app.get(SIP))
     app.router.add_get("/", index)
     app.router.add_get("/static/{name:.*}", static_file)

@@ -8,13 +8,15 @@ call ends, so health, metrics and the limit all count the same calls.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 
 class CallSlots:
     """Call slots shared by every transport of one process."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_release: Callable[[], None] | None = None) -> None:
         self.limit = limit
+        self.on_release = on_release  # run when a held slot is given back (a call ended)
         self._held: dict[str, str] = {}  # call id -> transport ("webrtc", "sip")
 
     def take(self, call_id: str, transport: str) -> bool:
@@ -29,7 +31,8 @@ class CallSlots:
 
     def release(self, call_id: str) -> None:
         """Give the call's slot back (a call that holds none is ignored)."""
-        self._held.pop(call_id, None)
+        if self._held.pop(call_id, None) is not None and self.on_release is not None:
+            self.on_release()
 
     def holds(self, call_id: str) -> bool:
         return call_id in self._held
