@@ -143,7 +143,8 @@ class WavWriter:
         self.rate = rate
         self.channels = channels
         self.frames = 0
-        self._wav = wave.open(str(path), "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._wav = wave.open(self._file, "wb")
         self._wav.setnchannels(channels)
         self._wav.setsampwidth(2)
         self._wav.setframerate(rate)
@@ -153,8 +154,14 @@ class WavWriter:
         self._wav.writeframes(samples.tobytes())
         self.frames += len(samples)
 
+    def flush(self) -> None:
+        """Put what is written (with a header that counts it) into the operating system's
+        hands, so that it outlives a crash of this process."""
+        self._file.flush()
+
     def close(self) -> None:
         self._wav.close()
+        self._file.close()
 
     def __enter__(self) -> WavWriter:
         return self

@@ -273,12 +273,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         # The recording is written as the call goes, not held in memory to the end.
         with WavWriter(args.output, OUT_RATE, 2) if args.output else nullcontext() as recording:
             result = asyncio.run(run_call(sessions, caller_16k, caller_24k, settings, args.realtime, args.seed,
-                                          recording))
+                                          recording, party={"input": str(args.input)}))
     if recording is not None:
         log.info("wrote the call (%.1f s, left caller, right agent) to %s", recording.frames / OUT_RATE, args.output)
     turns = [t.to_dict() for t in result.turns]
     if args.json:
-        print(json.dumps({"input_s": round(result.input_s, 3), "turns": turns,
+        print(json.dumps({"call_id": result.record.id, "input_s": round(result.input_s, 3), "turns": turns,
                           "latency_ms": summarize_turns([t["latency_ms"] for t in turns])}))
     else:
         for t in turns:
@@ -337,10 +337,15 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _preflight(settings: Settings, listen: bool = True) -> None:
-    """Stop at once (ModelInitializationError, exit 1) when a model cannot be had: gated,
-    unknown, no network, not cached. Nothing is downloaded or loaded before this."""
+    """Stop at once when a call could not be kept (InputError, exit 2: records.path or
+    records.audio_dir not writable) or a model cannot be had (ModelInitializationError,
+    exit 1: gated, unknown, no network, not cached). Nothing is downloaded or loaded
+    before this."""
+    from agent.call.records import CallRecords
     from agent.models.preflight import require_models
 
+    if listen:
+        CallRecords(settings.records).check()
     require_models(settings, listen)
 
 

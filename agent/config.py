@@ -160,6 +160,18 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class RecordsSettings:
+    """[records]: what is kept of each call (transcripts, call records, recordings)."""
+    transcribe: bool
+    transcribe_tokens: int
+    language: str
+    path: str
+    keep: int
+    audio: bool
+    audio_dir: str
+
+
+@dataclass(frozen=True)
 class MonitorSettings:
     """[monitor]: latency targets that log a warning when missed."""
     ttft_ms_target: float
@@ -183,6 +195,7 @@ class Settings:
     session: SessionSettings
     server: ServerSettings
     run: RunSettings
+    records: RecordsSettings
     monitor: MonitorSettings
 
     def replace(self, section: str, **changes: Any) -> Settings:
@@ -206,6 +219,7 @@ SECTIONS: dict[str, type] = {
     "session": SessionSettings,
     "server": ServerSettings,
     "run": RunSettings,
+    "records": RecordsSettings,
     "monitor": MonitorSettings,
 }
 
@@ -272,6 +286,8 @@ _RANGES = {
     "server.media_timeout_s": (1.0, 3600.0),
     "server.max_unconfirmed_per_source": (1, 10_000),
     "run.max_input_s": (1.0, 86_400.0),
+    "records.transcribe_tokens": (1, 100_000),
+    "records.keep": (0, 1_000_000),
     "monitor.ttft_ms_target": (0.0, None),
     "monitor.ttfa_ms_target": (0.0, None),
     "monitor.rtf_target": (0.0, None),

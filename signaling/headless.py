@@ -19,6 +19,7 @@ import numpy as np
 
 from agent.call.events import TurnRecord
 from agent.call.factory import SessionFactory
+from agent.call.records import CallRecord
 from agent.config import Settings
 from agent.rates import IN_RATE, OUT_RATE
 from signaling.pacing import PACKET_S
@@ -52,6 +53,7 @@ class CallResult:
     recording: np.ndarray | None  # (n, 2) int16 at 24 kHz: left the caller, right the agent (None: written out)
     turns: list[TurnRecord]
     input_s: float
+    record: CallRecord
 
 
 class RecordingSink(Protocol):
@@ -61,10 +63,11 @@ class RecordingSink(Protocol):
 
 async def run_call(sessions: SessionFactory, caller_16k: np.ndarray, caller_24k: np.ndarray,
                    settings: Settings | None = None, realtime: bool = False, seed: int | None = None,
-                   recording: RecordingSink | None = None) -> CallResult:
+                   recording: RecordingSink | None = None, party: dict | None = None) -> CallResult:
     """Play `caller_16k` (int16 mono) into a session. The stereo call recording goes to
     `recording` 20 ms at a time as the call goes (a WavWriter: a long call holds none of
-    it in memory); without one it is returned whole in the CallResult."""
+    it in memory); without one it is returned whole in the CallResult. The call's record
+    (`party`: what was played, say the input file) is kept like a live call's."""
     clock = VirtualClock()
     session = sessions.new_session(settings, clock=clock, seed=seed)
     session.greet()  # the call is "answered" as the recording starts
@@ -101,10 +104,13 @@ async def run_call(sessions: SessionFactory, caller_16k: np.ndarray, caller_24k:
             i += 1
     finally:
         await session.close()
+        ended_by, reason = (("agent", f"agent hung up: {session.end_reason}") if session.ended.is_set()
+                            else ("caller", "the recording ended"))
+        record = sessions.finish(session, "headless", party or {}, ended_by, reason)
     timeline.slot(i, agent)
     timeline.rest(i + 1)
     whole = np.concatenate(blocks) if recording is None else None
-    return CallResult(whole, session.turns, len(caller_16k) / IN_RATE)
+    return CallResult(whole, session.turns, len(caller_16k) / IN_RATE, record)
 
 
 class _Recording:

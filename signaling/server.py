@@ -122,6 +122,8 @@ def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/static/{name:.*}", static_file)
     app.router.add_post("/offer", offer)
+    app.router.add_get("/calls", list_calls)
+    app.router.add_get("/calls/{call_id}", get_call)
     app.router.add_delete("/calls/{call_id}", hang_up)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
@@ -263,7 +265,8 @@ async def offer(request: web.Request) -> web.Response:
         m.rejected.labels("call_limit").inc()
         return error(503, f"the agent is busy: {slots.limit} calls in progress, the limit")
     call = WebRTCCall(sessions, settings, body.get("voice") or None, on_event=_count_turns(m),
-                      on_closed=lambda c: _forget(request.app, c))
+                      on_closed=lambda c: _forget(request.app, c),
+                      party={"address": request.remote, "user_agent": request.headers.get("User-Agent", "")})
     slots.take(_slot(call), "webrtc")  # held while it is negotiated; no await since the check
     request.app[CALLS][call.id] = call
     answered = False
@@ -321,6 +324,28 @@ def _forget(app: web.Application, call: WebRTCCall) -> None:
     app[METRICS].count_slots(app[SLOTS])
 
 
+async def list_calls(request: web.Request) -> web.Response:
+    """The records of the newest finished calls, newest first (?limit=N, default 20)."""
+    records = request.app[SESSIONS].records
+    raw = request.query.get("limit", "20")
+    try:
+        limit = int(raw)
+    except ValueError:
+        return error(400, f"limit must be a whole number, got {raw[:20]!r}")
+    if not 1 <= limit <= 10_000:
+        return error(400, f"limit must be between 1 and 10000, got {limit}")
+    return web.json_response({"calls": [r.to_dict() for r in records.recent(limit)]})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    call_id = request.match_info["call_id"]
+    record = request.app[SESSIONS].records.get(call_id)
+    if record is None:
+        state = "in progress: its record is kept when it ends" if call_id in request.app[CALLS] else "no such call"
+        return error(404, f"{state} ({call_id[:64]!r}; the newest records.keep calls are kept)")
+    return web.json_response(record.to_dict())
+
+
 async def hang_up(request: web.Request) -> web.Response:
     call = request.app[CALLS].get(request.match_info["call_id"])
     if call is None:
@@ -368,7 +393,7 @@ async def start_lag_monitor(app: web.Application) -> None:
 
 async def close_all_calls(app: web.Application) -> None:
     app[LAG_MONITOR].cancel()
-    await asyncio.gather(*(call.close() for call in list(app[CALLS].values())))
+    await asyncio.gather(*(call.close("shutdown") for call in list(app[CALLS].values())))
 
 
 async def run_server(app: web.Application, host: str, port: int, stop: asyncio.Event) -> None:

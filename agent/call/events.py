@@ -23,6 +23,14 @@ class CallerSpeechStopped:
 
 
 @dataclass(frozen=True)
+class CallerTranscript:
+    """What the caller said in a turn, as Voxtral's transcription mode wrote it (written
+    after the turn's reply started, so it may come after the reply's events)."""
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True)
 class AgentReplyText:
     """A piece of the agent's reply text, as it is generated."""
     turn: int
@@ -82,7 +90,7 @@ class DtmfReceived:
     t: float
 
 
-SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | AgentReplyText | AgentInterrupted | AgentPaused
+SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | CallerTranscript | AgentReplyText | AgentInterrupted | AgentPaused
                 | AgentResumed | TurnFinished | TurnFailed | DtmfReceived | AgentHungUp)
 
 
@@ -93,6 +101,8 @@ def event_message(event: SessionEvent) -> dict[str, Any]:
         return {"type": "speech_started", "t": round(event.t, 3)}
     if isinstance(event, CallerSpeechStopped):
         return {"type": "speech_stopped", "t": round(event.t, 3), "duration_s": round(event.duration_s, 3)}
+    if isinstance(event, CallerTranscript):
+        return {"type": "transcript", "turn": event.turn, "text": event.text}
     if isinstance(event, AgentReplyText):
         return {"type": "reply_text", "turn": event.turn, "text": event.text}
     if isinstance(event, AgentInterrupted):
@@ -119,6 +129,8 @@ def event_line(event: SessionEvent) -> str | None:
     if isinstance(event, TurnFinished):
         t = event.turn
         return f"turn {t.index}: caller {t.start:.2f}-{t.end:.2f} s, agent said: {t.played_text!r}"
+    if isinstance(event, CallerTranscript):
+        return f"turn {event.turn}: caller said: {event.text!r}"
     if isinstance(event, AgentInterrupted):
         return f"turn {event.turn}: interrupted after {event.played_text!r}"
     if isinstance(event, TurnFailed):
@@ -157,6 +169,7 @@ class TurnRecord:
     # have no caller audio of their own.
     kind: str = "reply"
     played_text: str | None = None  # set once known: the whole reply, or what was heard
+    transcript: str | None = None  # the caller's words (records.transcribe), once written
     error: str | None = None
     # Session-clock times of the stages, and device time used, for the latency breakdown.
     t_decision: float = 0.0
@@ -198,7 +211,7 @@ class TurnRecord:
         return {"index": self.index, "start": r(self.start), "end": r(self.end),
                 "reply": self.played_text if self.played_text is not None else self.reply_text,
                 "generated": self.reply_text, "interrupted": self.interrupted, "preemptive": self.preemptive,
-                "kind": self.kind,
+                "kind": self.kind, "transcript": self.transcript,
                 "error": self.error,
                 "agent_start": r(self.agent_start), "agent_end": r(self.agent_end),
                 "latency_ms": self.latency_ms()}

@@ -8,8 +8,12 @@ rather than the model manager, so that they move audio and never touch a model.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
 
+from agent.call.recording import CallRecording
+from agent.call.records import CallRecord, CallRecords
 from agent.call.session import CallSession
 from agent.config import Settings
 from agent.models.manager import UnifiedModelManager
@@ -18,8 +22,9 @@ from agent.models.manager import UnifiedModelManager
 class SessionFactory:
     """New call sessions on one process's models."""
 
-    def __init__(self, models: UnifiedModelManager) -> None:
+    def __init__(self, models: UnifiedModelManager, records: CallRecords | None = None) -> None:
         self._models = models
+        self.records = records if records is not None else CallRecords(models.settings.records)
 
     @property
     def ready(self) -> bool:
@@ -40,8 +45,22 @@ class SessionFactory:
         return self._models.memory.stats()
 
     def new_session(self, settings: Settings | None = None, *, voice: str | None = None, echo_guard: bool = False,
-                    clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> CallSession:
+                    clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                    call_id: str | None = None) -> CallSession:
         """A CallSession for a new call (inside a running event loop). `echo_guard`: the
-        transport brings the agent's own voice back (a phone line). InputError for an
-        unknown voice."""
-        return CallSession(self._models, settings, clock=clock, voice=voice, seed=seed, echo_guard=echo_guard)
+        transport brings the agent's own voice back (a phone line). `call_id`: the
+        transport's own id for the call (made here without one); with records.audio the
+        session records the call under it. InputError for an unknown voice."""
+        call_id = call_id or uuid.uuid4().hex[:12]
+        path = self.records.recording_path(call_id)
+        self._models.validate_voice(voice or (settings or self._models.settings).session.voice or None)
+        recording = CallRecording(path) if path is not None else None
+        return CallSession(self._models, settings, clock=clock, voice=voice, seed=seed, echo_guard=echo_guard,
+                           call_id=call_id, recording=recording)
+
+    def finish(self, session: CallSession, transport: str, party: dict[str, Any], ended_by: str,
+               end_reason: str) -> CallRecord:
+        """Keep the record of a call whose session is closed (see agent/call/records.py)."""
+        record = CallRecord.of(session, transport, party, ended_by, end_reason)
+        self.records.add(record)
+        return record

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing
@@ -39,6 +40,7 @@ from agent.call.events import (
     AgentResumed,
     CallerSpeechStarted,
     CallerSpeechStopped,
+    CallerTranscript,
     DtmfReceived,
     Segment,
     SessionEvent,
@@ -47,6 +49,7 @@ from agent.call.events import (
     TurnRecord,
 )
 from agent.call.outbound import OutboundAudio, OutFrame
+from agent.call.recording import CallRecording
 from agent.call.vad import (
     SileroDetector,
     SpeechDetector,
@@ -66,6 +69,8 @@ from agent.rates import IN_RATE, OUT_RATE
 from agent.text import TextSegmenter
 
 log = logging.getLogger(__name__)
+
+TRANSCRIPT_WAIT_S = 3.0  # at hang-up, how long the transcripts still being written may take
 
 
 # -- the session -------------------------------------------------------------------
@@ -93,10 +98,14 @@ class CallSession:
 
     def __init__(self, models: UnifiedModelManager, settings: Settings | None = None,
                  clock: Callable[[], float] = time.monotonic, voice: str | None = None,
-                 seed: int | None = None, echo_guard: bool = False) -> None:
+                 seed: int | None = None, echo_guard: bool = False, call_id: str | None = None,
+                 recording: CallRecording | None = None) -> None:
         """`echo_guard`: the transport brings the agent's own voice back (a phone line);
-        echo.guard = "auto" follows it, "on" / "off" override it."""
+        echo.guard = "auto" follows it, "on" / "off" override it. `recording`: where the
+        call's stereo recording goes (records.audio), closed with the session."""
         self.models = models
+        self.call_id = call_id or uuid.uuid4().hex[:12]
+        self.started_at = time.time()  # wall clock, for the call's record
         self.settings = settings or models.settings
         s = self.settings
         self.clock = clock
@@ -125,6 +134,10 @@ class CallSession:
         self.end_reason: str | None = None
         self._held_since: float | None = None  # the agent's audio is held for a sound of the caller's
         self.resampler = Resampler(IN_RATE)
+        self.recording = recording
+        self._recording_resampler = Resampler(OUT_RATE) if recording is not None else None
+        self.dtmf: list[DtmfReceived] = []  # every key the caller pressed, for the call's record
+        self._transcripts: dict[int, asyncio.Task] = {}  # turn index -> its caller transcript being written
         frame_samples = OUT_RATE * s.session.frame_ms // 1000
         max_frames = max(1, int(s.session.max_queued_s * 1000 / s.session.frame_ms))
         self.outbound = OutboundAudio(frame_samples, max_frames, on_played=self._on_played)
@@ -173,6 +186,8 @@ class CallSession:
         if self.closed:
             return
         pcm = self.resampler.push(samples, rate, channels)
+        if self.recording is not None and self._recording_resampler is not None:
+            self.recording.caller(self._recording_resampler.push(samples, rate, channels))
         if self.echo is not None:
             self.echo.received(len(pcm))
         for event in self.vad.push(pcm):
@@ -246,7 +261,9 @@ class CallSession:
         Returns True for session.hangup_digit: the transport then ends the call."""
         if self.closed:
             return False
-        self._emit(DtmfReceived(digit, self.now()))
+        event = DtmfReceived(digit, self.now())
+        self.dtmf.append(event)
+        self._emit(event)
         return digit == self.settings.session.hangup_digit
 
     def _may_hold(self) -> bool:
@@ -304,6 +321,7 @@ class CallSession:
             self._current = None
             if self.turns and self.turns[-1] is record:
                 self.turns.pop()
+            self._drop_transcript(record)
             log.info("turn %d withdrawn: the caller went on before the reply was heard", record.index)
             return
         record.interrupted = True
@@ -399,7 +417,7 @@ class CallSession:
     async def _run_turn(self, reply: _Reply) -> None:
         record, audio, heard, texts, producer = reply.record, reply.audio, reply.heard, reply.texts, reply.producer
         try:
-            await self._speak(record, texts)
+            await self._speak(record, texts, heard)
             if record.played_text is None:
                 record.played_text = " ".join(seg.text for seg in record.segments)
             self._emit(TurnFinished(record))
@@ -416,6 +434,8 @@ class CallSession:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
             self._remember(record, audio, heard)
+            if not record.withdrawn:
+                self._transcribe(record, heard)  # a reply that made no audio (or was cut at hang-up)
 
     def _remember(self, record: TurnRecord, audio: np.ndarray | None, heard: TurnAudio | None) -> None:
         if record.error is not None:
@@ -452,7 +472,34 @@ class CallSession:
         finally:
             texts.put_nowait(None)
 
-    async def _speak(self, record: TurnRecord, texts: asyncio.Queue) -> None:
+    def _transcribe(self, record: TurnRecord, heard: TurnAudio | None) -> None:
+        """Write the caller's words of this turn (records.transcribe), once the reply's first
+        audio is queued: the reply never waits for it."""
+        r = self.settings.records
+        if not r.transcribe or heard is None or record.index in self._transcripts:
+            return
+        self._transcripts[record.index] = asyncio.get_running_loop().create_task(self._write_transcript(record, heard))
+
+    async def _write_transcript(self, record: TurnRecord, heard: TurnAudio) -> None:
+        r = self.settings.records
+        params = ReplyParams(temperature=0.0, top_p=1.0, max_new_tokens=r.transcribe_tokens)
+        try:
+            record.transcript = await self.models.transcribe(heard, r.language or None, params,
+                                                             self.seed + 500_000 + record.index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the call goes on without this transcript
+            log.warning("turn %d: the caller transcript failed: %s: %s", record.index, type(e).__name__, e)
+            return
+        if not record.withdrawn:
+            self._emit(CallerTranscript(record.index, record.transcript))
+
+    def _drop_transcript(self, record: TurnRecord) -> None:
+        task = self._transcripts.pop(record.index, None)
+        if task is not None:
+            task.cancel()
+
+    async def _speak(self, record: TurnRecord, texts: asyncio.Queue, heard: TurnAudio | None = None) -> None:
         while (item := await texts.get()) is not None:
             if isinstance(item, _ReplyFailed):
                 raise item.error
@@ -469,9 +516,12 @@ class CallSession:
                     if made and record.t_first_frame is None:
                         record.t_first_frame = self.now()
                         record.busy_at_first_frame = self.models.busy_s
+                        self._transcribe(record, heard)
         self.outbound.finish()
 
     def _on_played(self, frame: OutFrame) -> None:
+        if self.recording is not None:
+            self.recording.agent(frame.samples)
         if self.echo is not None:
             self.echo.play(frame.samples, OUT_RATE, self.now())  # what may come back as echo
         record = self.turns[frame.turn - 1] if 0 < frame.turn <= len(self.turns) else None
@@ -489,7 +539,10 @@ class CallSession:
         self.events.put_nowait(event)
 
     async def close(self) -> None:
-        """Hang up: stop generation, drop queued audio, end the turn task."""
+        """Hang up: stop generation, drop queued audio, end the turn task; the caller
+        transcripts being written get TRANSCRIPT_WAIT_S to finish; close the recording."""
+        if self.closed:
+            return
         self.closed = True
         self._stop_deciding()
         self._drop_early()
@@ -498,7 +551,15 @@ class CallSession:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        pending = [t for t in self._transcripts.values() if not t.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=TRANSCRIPT_WAIT_S)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         self._context.clear()  # the remembered turns' encodings (device memory)
+        if self.recording is not None:
+            self.recording.close()
 
 
 def _to_float(pcm: np.ndarray) -> np.ndarray:

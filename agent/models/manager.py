@@ -214,6 +214,20 @@ class UnifiedModelManager:
         finally:
             stream.close()
 
+    async def transcribe(self, audio: TurnAudio, language: str | None, params: ReplyParams, seed: int) -> str:
+        """Voxtral's transcript of a caller turn (transcription mode), decoded like a reply:
+        in the reply engine when it has room, else on the single path. Cancel it to stop."""
+        assert self.voxtral is not None, "Voxtral is not loaded"
+        prompt = await asyncio.to_thread(self.voxtral.transcription_prompt, audio, language)
+        stream = await self.device_thread.open(self.open_reply, prompt, params, seed, asyncio.get_running_loop())
+        text = ""
+        try:
+            while (piece := await stream.next_piece()) is not None:
+                text += piece
+        finally:
+            stream.close()
+        return text.strip()
+
     def speak(self, text: str, voice: str, seed: int) -> AsyncGenerator[np.ndarray, None]:
         """`text` spoken: 24 kHz mono int16 chunks as they are decoded (TTSServiceDirect.synthesize)."""
         assert self.tts is not None, "the models are not loaded"

@@ -270,22 +270,29 @@ class VoxtralModel(InProcessModel):
             embeds = embeds.masked_scatter(mask, audio.to(embeds.dtype))
         return embeds[0]
 
-    def transcribe_stream(self, audio: np.ndarray, language: str | None, params: ReplyParams,
-                          seed: int) -> TextStream:
-        """Transcription mode; `language` is an ISO 639-1 code, or None to detect it."""
+    def transcription_prompt(self, audio: np.ndarray | TurnAudio, language: str | None) -> ReplyPrompt:
+        """Transcription mode's prompt (off the device thread); `language` is an ISO 639-1
+        code, or None to detect it. A caller turn's TurnAudio keeps its encoding, so a turn
+        transcribed after its reply is encoded once for both."""
         from mistral_common.exceptions import MistralCommonException
 
+        turn = _turn_audio(audio)
         try:
             inputs = self.processor.apply_transcription_request(
-                language=language, audio=prepare_audio(audio), model_id=self.source,
+                language=language, audio=turn.samples, model_id=self.source,
                 sampling_rate=IN_RATE, format="wav")
         except (MistralCommonException, ValueError) as e:  # pydantic's error for an unknown language too
             raise InputError(f"cannot build the Voxtral transcription prompt: {first_line(e)}") from e
         finally:
             forget_parsed_urls()
-        prefill = {"input_ids": inputs["input_ids"].to(self.device),
-                   "input_features": inputs["input_features"].to(self.device, self.dtype)}
-        return TextStream(self, prefill, inputs["input_ids"][0].tolist(), params, seed)
+        if turn.pending:
+            turn.features = inputs["input_features"]  # (chunks, mel bins, 3000), as _features makes them
+        return ReplyPrompt(inputs["input_ids"], (turn,))
+
+    def transcribe_stream(self, audio: np.ndarray | TurnAudio, language: str | None, params: ReplyParams,
+                          seed: int) -> TextStream:
+        """Transcription mode, on the single path (this thread runs the model)."""
+        return self.text_stream(self.transcription_prompt(audio, language), params, seed)
 
     def conversation(self, audio: np.ndarray | TurnAudio, history: Sequence[ChatTurn], instructions: str,
                      instructions_first: bool = False) -> list[dict]:

@@ -343,6 +343,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
         """The call's CallSession and RTP stream, on `sock` (bound: our SDP names its port):
         the peer's audio into the session at 8 kHz, the session's frames out, DTMF to it.
         Nothing goes out until the call is `confirmed` (see _confirmed)."""
+        # The call's record id is ours: a peer's Call-ID can be anything.
         session = self.sessions.new_session(self.settings, voice=self.voice, echo_guard=True)  # lines echo it back
         rtp = RtpSession(codec.name, codec.payload_type, codec.dtmf_payload_type, (codec.remote_ip, codec.remote_port),
                          lambda: _samples(session), OUT_RATE, lambda samples: session.push_audio(samples, 8000),
@@ -462,6 +463,11 @@ class SipEndpoint(asyncio.DatagramProtocol):
             await call.rtp.close()
         if call.session is not None:
             await call.session.close()
+            try:
+                self.sessions.finish(call.session, "sip-out" if call.outbound else "sip-in", _party(call),
+                                     _ended_by(reason), reason)
+            except Exception:
+                log.exception("call %s: its record failed", call.call_id)
         status = None
         if bye and call.answered and wait <= 0:  # one BYE, not waited for
             self._udp.sendto(call.dialog.request("BYE", self._via()).to_bytes(), call.dialog.peer)
@@ -703,3 +709,21 @@ def hostport(host: str, port: int) -> str:
 
 def _one_line(text: str, limit: int = 100) -> str:
     return re.sub(r"[\r\n]", " ", text)[:limit]
+
+
+def _party(call: SipCall) -> dict[str, str | None]:
+    """The other side of a call, for its record: the INVITE's From and To, its Call-ID
+    and where the peer's messages come from."""
+    peer = call.source if call.source is not None else call.dialog.peer
+    return {"from": call.invite.header("From"), "to": call.invite.header("To"), "call_id": call.call_id,
+            "address": hostport(*peer) if peer else None}
+
+
+# Who ended a call, by the start of its end reason (the reasons _end() is given).
+_ENDED_BY = (("agent hung up", "agent"), ("the agent hung up", "agent"), ("the agent shut down", "server"),
+             ("the other side hung up", "caller"), ("the caller", "caller"), ("no RTP", "network"),
+             ("no ACK", "network"), ("not confirmed", "network"))
+
+
+def _ended_by(reason: str) -> str:
+    return next((by for start, by in _ENDED_BY if reason.startswith(start)), "error")

@@ -184,13 +184,17 @@ class WebRTCCall:
     when no audio comes from a connected peer for server.media_timeout_s (a killed
     client sends no DTLS close; ICE consent would take 30 s to notice), when the
     connection fails or closes, and when one of its tasks fails. `end_reason` says which
-    (set before on_closed): "hangup", "bad_offer", "connect_timeout", "media_timeout",
-    "connection_failed", "connection_closed", "audio_ended", "task_failed"."""
+    (set before on_closed): "hangup", "shutdown", "bad_offer", "connect_timeout",
+    "media_timeout", "connection_failed", "connection_closed", "audio_ended", "task_failed",
+    "agent hung up: ...". A call that got past its offer leaves a call record (`party`:
+    who offered it)."""
 
     def __init__(self, sessions: SessionFactory, settings: Settings, voice: str | None,
                  on_event: Callable[[WebRTCCall, Any], None] | None = None,
-                 on_closed: Callable[[WebRTCCall], None] | None = None) -> None:
+                 on_closed: Callable[[WebRTCCall], None] | None = None,
+                 party: dict[str, Any] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
+        self.party = party or {}
         self.sessions = sessions
         self.settings = settings
         self.voice = voice
@@ -217,7 +221,7 @@ class WebRTCCall:
         except BadOffer:
             await self.close("bad_offer")
             raise
-        self.session = self.sessions.new_session(self.settings, voice=self.voice)
+        self.session = self.sessions.new_session(self.settings, voice=self.voice, call_id=self.id)
         self._spawn(self._end_when_the_session_does(self.session), "session end")
         self.track = SessionAudioTrack(self.session.outbound)
         self._peer_sends_audio = any(m.kind == "audio" and m.direction in ("sendrecv", "sendonly")
@@ -374,6 +378,11 @@ class WebRTCCall:
                 self.track.stop()
             await _close_peer_connection(self.pc, self.id)
         finally:  # even when cancelled half-way: the slot must come back
+            if self.session is not None and reason != "bad_offer":  # a refused offer was never a call
+                try:
+                    self.sessions.finish(self.session, "webrtc", self.party, _ended_by(reason), reason)
+                except Exception:
+                    log.exception("call %s: its record failed", self.id)
             self._tasks.clear()
             if self.on_closed is not None:
                 try:
@@ -381,6 +390,15 @@ class WebRTCCall:
                 except Exception:
                     log.exception("call %s: on_closed failed", self.id)
             log.info("call %s: closed (%s)", self.id, reason)
+
+
+def _ended_by(reason: str) -> str:
+    """Who ended the call, for its record (see WebRTCCall's end reasons)."""
+    if reason.startswith("agent hung up"):
+        return "agent"
+    return {"hangup": "server", "shutdown": "server", "connection_closed": "caller", "audio_ended": "caller",
+            "connect_timeout": "network", "media_timeout": "network", "connection_failed": "network",
+            "task_failed": "error"}.get(reason, "error")
 
 
 async def _quietly(awaitable: Awaitable[Any], what: str) -> None:
