@@ -198,6 +198,7 @@
       startedAt: 0,
       turns: new Map(),
       callerLive: null,
+      callerUnanswered: [], // caller lines since the agent's last reply began (their turn is not known yet)
       latencies: [],
       speakingUntil: 0,
     };
@@ -559,6 +560,9 @@
       case "speech_stopped":
         finishCallerLine(c, msg.duration_s);
         break;
+      case "transcript": // the caller's words, written after the reply began
+        onTranscript(c, msg);
+        break;
       case "reply_text":
         onReplyText(c, msg);
         break;
@@ -659,7 +663,33 @@
     line.el.classList.remove("live");
     line.bubble.textContent =
       typeof durationS === "number" && isFinite(durationS) ? `Spoke for ${durationS.toFixed(1)} s` : "Spoke";
+    if (typeof durationS === "number") line.el.dataset.durationS = String(durationS);
     c.callerLive = null;
+    c.callerUnanswered.push(line);
+    followConversation();
+  }
+
+  // A reply begins: the caller lines before it are its turn's (several, when the caller
+  // paused and went on before any reply was heard).
+  function claimCallerLines(c, turn) {
+    for (const line of c.callerUnanswered) line.el.dataset.turn = String(turn);
+    c.callerUnanswered = [];
+  }
+
+  function onTranscript(c, msg) {
+    if (typeof msg.text !== "string" || msg.turn === undefined) return;
+    const lines = ui.transcript.querySelectorAll(`li[data-role="caller"][data-turn="${CSS.escape(String(msg.turn))}"]`);
+    let target = lines.length ? lines[lines.length - 1] : null;
+    if (!target) return; // its lines were cleared
+    for (const el of lines) if (el !== target) el.remove(); // one turn, one line of words
+    const bubble = target.querySelector(".bubble");
+    bubble.textContent = msg.text.trim() || "(no words heard)";
+    target.classList.add("transcribed");
+    const meta = target.querySelector(".meta");
+    if (meta && !meta.querySelector(".tag.spoke")) {
+      const d = Number(target.dataset.durationS);
+      addTag(meta, "spoke", isFinite(d) && d > 0 ? `${d.toFixed(1)} s` : "spoken").title = "How long you spoke";
+    }
     followConversation();
   }
 
@@ -672,6 +702,7 @@
       line.el.dataset.turn = key;
       entry = { ...line, text: "", heard: null, interrupted: false, done: false };
       c.turns.set(key, entry);
+      claimCallerLines(c, turn);
       appendLine(line.el);
     }
     return entry;
@@ -813,6 +844,7 @@
     if (call) {
       call.turns.clear();
       call.callerLive = null;
+      call.callerUnanswered = [];
     }
   });
 

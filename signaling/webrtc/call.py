@@ -35,6 +35,7 @@ from agent.call.events import (
     AgentResumed,
     CallerSpeechStarted,
     CallerSpeechStopped,
+    CallerTranscript,
     TurnFailed,
     TurnFinished,
     event_message,
@@ -85,7 +86,7 @@ class SessionAudioTrack(MediaStreamTrack):
         return out
 
 
-PAGE_EVENTS = (CallerSpeechStarted, CallerSpeechStopped, AgentReplyText, AgentInterrupted, AgentPaused,
+PAGE_EVENTS = (CallerSpeechStarted, CallerSpeechStopped, CallerTranscript, AgentReplyText, AgentInterrupted, AgentPaused,
                AgentResumed, TurnFinished, TurnFailed, AgentHungUp)
 HANGUP_NOTICE_S = 0.2  # time for the page's "hangup" message to go out before the call closes
 

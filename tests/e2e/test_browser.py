@@ -208,6 +208,11 @@ def test_call_hears_the_agent_and_hangs_up(server, page, tmp_path):
     assert agent_lines, f"no agent line in the transcript; events {events}"
     assert "speech_started" in events
     assert page.locator('#transcript [data-role="caller"]').count() >= 1
+    # The caller's line turns into their words once Voxtral has transcribed them.
+    page.wait_for_selector('#transcript [data-role="caller"].transcribed', timeout=30_000)
+    said = [e for e in page.evaluate("window.voiceAgent.events") if e["type"] == "transcript"]
+    shown = page.locator('#transcript [data-role="caller"].transcribed .bubble').last.inner_text()
+    assert said and " ".join(shown.split()) == (" ".join(said[-1]["text"].split()) or "(no words heard)")
     assert page.evaluate("window.__micPeak") > 10, "the microphone meter never moved"
     assert state(page) == "in-call"
     expect(status).to_have_attribute("data-kind", "live")

@@ -49,6 +49,15 @@ async def test_sipp_asks_and_hears_an_answer(models, tiny_settings, tmp_path):
         assert turns and turns[0].agent_start is not None  # ... was answered
         assert call.rtp.loud_sent > 10  # ... and the answer went out as RTP
         assert not server.calls
+        # The call's record names the caller as SIPp sent it, and why the call ended.
+        (record,) = [r.to_dict() for r in server.sessions.records.recent()]
+        assert record["transport"] == "sip-in" and record["ended_by"] == "caller"
+        assert record["end_reason"] == "the other side hung up"
+        party = record["party"]
+        assert party["call_id"] == call.call_id and "sipp" in party["from"] and party["to"]
+        assert party["address"].startswith("127.0.0.1:")
+        assert record["id"] != call.call_id  # ours, not the peer's
+        assert record["turns"][0]["transcript"] and record["turns"][0]["reply"]
     finally:
         await server.close()
 

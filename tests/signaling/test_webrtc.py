@@ -48,12 +48,38 @@ async def test_the_agent_answers_after_the_caller_stops(server, speech):
         assert "speech_started" in kinds and "speech_stopped" in kinds and "reply_text" in kinds
         turn = next(m for m in caller.messages if m["type"] == "turn")
         assert turn["latency_ms"]["first_frame_queued"] > 0
+        await caller.wait_for(lambda: any(m["type"] == "transcript" for m in caller.messages))
         async with http.delete(server.make_url(f"/calls/{caller.call_id}")) as r:
             assert r.status == 200
         async with http.delete(server.make_url(f"/calls/{caller.call_id}")) as r:
             assert r.status == 404 and "error" in await r.json()
         assert (await health(http, server))["active_calls"] == 0
         await caller.pc.close()
+        # The call's record: GET /calls/{id}, and first in GET /calls.
+        async with http.get(server.make_url(f"/calls/{caller.call_id}")) as r:
+            assert r.status == 200
+            record = await r.json()
+        assert record["transport"] == "webrtc" and record["party"]["address"] == "127.0.0.1"
+        assert record["ended_by"] == "server" and record["end_reason"] == "hangup"
+        assert record["duration_s"] > 0 and record["audio"] is None  # records.audio is off
+        (first,) = record["turns"][:1]
+        assert first["reply"] == turn["reply"] and first["latency_ms"] == turn["latency_ms"]
+        # The caller's words reached the page and the record (written by the real model).
+        transcript = next(m for m in caller.messages if m["type"] == "transcript" and m["turn"] == 1)
+        assert first["transcript"] == transcript["text"] and transcript["text"]
+        async with http.get(server.make_url("/calls?limit=1")) as r:
+            assert [c["id"] for c in (await r.json())["calls"]] == [caller.call_id]
+
+
+async def test_call_records_answer_bad_and_unknown_requests_with_json_errors(server):
+    async with aiohttp.ClientSession() as http:
+        for target, status in (("/calls/nosuchcall", 404), ("/calls/..%2F..%2Fetc%2Fpasswd", 404),
+                               ("/calls?limit=x", 400), ("/calls?limit=0", 400), ("/calls?limit=99999999", 400)):
+            async with http.get(server.make_url(target)) as r:
+                assert r.status == status, target
+                assert r.content_type == "application/json" and (await r.json())["error"], target
+        async with http.get(server.make_url("/calls")) as r:
+            assert r.status == 200 and isinstance((await r.json())["calls"], list)
 
 
 async def test_barge_in_stops_the_agent(server, speech):
