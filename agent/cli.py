@@ -46,6 +46,20 @@ def loaded_sessions(settings: Settings) -> Iterator[SessionFactory]:
         models.unload()
 
 
+@contextmanager
+def traced(settings: Settings) -> Iterator[None]:
+    """OpenTelemetry traces of the calls, when [tracing] or OTEL_* variables ask for them
+    (agent/call/tracing.py); the spans still queued are exported at the end."""
+    from agent.call.tracing import configure_tracing
+
+    provider = configure_tracing(settings.tracing)
+    try:
+        yield
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--profile", help="settings profile: default (real weights) or tiny (offline, random weights)")
@@ -152,12 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.profile, args.config)
         if args.command == "say":
             return cmd_say(args, settings)
-        if args.command == "run":
-            return cmd_run(args, settings)
-        if args.command == "serve":
-            return cmd_serve(args, settings)
-        if args.command == "call":
-            return cmd_call(args, settings)
+        if args.command in ("run", "serve", "call"):  # the commands that hold calls
+            with traced(settings):
+                return {"run": cmd_run, "serve": cmd_serve, "call": cmd_call}[args.command](args, settings)
         if args.command == "models":
             return cmd_models(args, settings)
         if args.command == "bench" and args.bench == "snac":

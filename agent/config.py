@@ -172,6 +172,14 @@ class RecordsSettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    """[tracing]: OpenTelemetry traces of calls and turns (OTEL_* variables also turn them on)."""
+    enabled: bool
+    exporter: str
+    service_name: str
+
+
+@dataclass(frozen=True)
 class MonitorSettings:
     """[monitor]: latency targets that log a warning when missed."""
     ttft_ms_target: float
@@ -196,6 +204,7 @@ class Settings:
     server: ServerSettings
     run: RunSettings
     records: RecordsSettings
+    tracing: TracingSettings
     monitor: MonitorSettings
 
     def replace(self, section: str, **changes: Any) -> Settings:
@@ -220,6 +229,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "run": RunSettings,
     "records": RecordsSettings,
+    "tracing": TracingSettings,
     "monitor": MonitorSettings,
 }
 
@@ -235,6 +245,7 @@ _CHOICES = {
     "session.frame_ms": (10, 20, 30, 40, 60),
     "echo.guard": ("auto", "on", "off"),
     "turn.engine": ("smart_turn", "silence"),
+    "tracing.exporter": ("otlp", "console"),
 }
 _RANGES = {
     "device.headroom_gb": (0.0, None),

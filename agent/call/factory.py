@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.call.recording import CallRecording
 from agent.call.records import CallRecord, CallRecords
@@ -18,13 +18,20 @@ from agent.call.session import CallSession
 from agent.config import Settings
 from agent.models.manager import UnifiedModelManager
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
 
 class SessionFactory:
     """New call sessions on one process's models."""
 
-    def __init__(self, models: UnifiedModelManager, records: CallRecords | None = None) -> None:
+    def __init__(self, models: UnifiedModelManager, records: CallRecords | None = None,
+                 tracer: Tracer | None = None) -> None:
+        """`records`: the process's (made from the settings by default); `tracer`:
+        OpenTelemetry's (the process's by default)."""
         self._models = models
         self.records = records if records is not None else CallRecords(models.settings.records)
+        self.tracer = tracer
 
     @property
     def ready(self) -> bool:
@@ -56,11 +63,12 @@ class SessionFactory:
         self._models.validate_voice(voice or (settings or self._models.settings).session.voice or None)
         recording = CallRecording(path) if path is not None else None
         return CallSession(self._models, settings, clock=clock, voice=voice, seed=seed, echo_guard=echo_guard,
-                           call_id=call_id, recording=recording)
+                           call_id=call_id, recording=recording, tracer=self.tracer)
 
     def finish(self, session: CallSession, transport: str, party: dict[str, Any], ended_by: str,
                end_reason: str) -> CallRecord:
         """Keep the record of a call whose session is closed (see agent/call/records.py)."""
         record = CallRecord.of(session, transport, party, ended_by, end_reason)
         self.records.add(record)
+        session.trace.end(record)
         return record

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,6 +51,7 @@ from agent.call.events import (
 )
 from agent.call.outbound import OutboundAudio, OutFrame
 from agent.call.recording import CallRecording
+from agent.call.tracing import CallTrace
 from agent.call.vad import (
     SileroDetector,
     SpeechDetector,
@@ -67,6 +69,9 @@ from agent.models.manager import UnifiedModelManager
 from agent.models.voxtral import ChatTurn, ReplyParams, TurnAudio
 from agent.rates import IN_RATE, OUT_RATE
 from agent.text import TextSegmenter
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +104,15 @@ class CallSession:
     def __init__(self, models: UnifiedModelManager, settings: Settings | None = None,
                  clock: Callable[[], float] = time.monotonic, voice: str | None = None,
                  seed: int | None = None, echo_guard: bool = False, call_id: str | None = None,
-                 recording: CallRecording | None = None) -> None:
+                 recording: CallRecording | None = None, tracer: Tracer | None = None) -> None:
         """`echo_guard`: the transport brings the agent's own voice back (a phone line);
         echo.guard = "auto" follows it, "on" / "off" override it. `recording`: where the
-        call's stereo recording goes (records.audio), closed with the session."""
+        call's stereo recording goes (records.audio), closed with the session. `tracer`:
+        OpenTelemetry's (the process's by default; agent/call/tracing.py)."""
         self.models = models
         self.call_id = call_id or uuid.uuid4().hex[:12]
         self.started_at = time.time()  # wall clock, for the call's record
+        self.trace = CallTrace(self.call_id, self.started_at, tracer)
         self.settings = settings or models.settings
         s = self.settings
         self.clock = clock
@@ -436,6 +443,7 @@ class CallSession:
             self._remember(record, audio, heard)
             if not record.withdrawn:
                 self._transcribe(record, heard)  # a reply that made no audio (or was cut at hang-up)
+                self.trace.turn(record)
 
     def _remember(self, record: TurnRecord, audio: np.ndarray | None, heard: TurnAudio | None) -> None:
         if record.error is not None:
