@@ -70,5 +70,5 @@ class SessionFactory:
         """Keep the record of a call whose session is closed (see agent/call/records.py)."""
         record = CallRecord.of(session, transport, party, ended_by, end_reason)
         self.records.add(record)
-        session.trace.end(record)
+        session.trace.end(record.ended_at, transport, ended_by, end_reason, len(record.turns))
         return record

@@ -32,8 +32,6 @@ from agent.errors import ConfigError
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from agent.call.records import CallRecord
-
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "voice_agent"
@@ -115,13 +113,13 @@ class CallTrace:
             span.set_status(Status(StatusCode.ERROR, record.error))
         span.end(end_time=self._ns(max(times, default=record.start)))
 
-    def end(self, record: CallRecord) -> None:
-        """The call is over: its span ends with what its record says."""
+    def end(self, ended_at: float, transport: str, ended_by: str, end_reason: str, turns: int) -> None:
+        """The call is over (at Unix time `ended_at`): its span ends, with what its record says."""
         if self.ended:
             return
         self.ended = True
-        self.span.set_attributes({"call.transport": record.transport, "call.ended_by": record.ended_by,
-                                  "call.end_reason": record.end_reason, "call.turns": len(record.turns)})
-        if record.ended_by == "error":
-            self.span.set_status(Status(StatusCode.ERROR, record.end_reason))
-        self.span.end(end_time=int(record.ended_at * 1e9))
+        self.span.set_attributes({"call.transport": transport, "call.ended_by": ended_by,
+                                  "call.end_reason": end_reason, "call.turns": turns})
+        if ended_by == "error":
+            self.span.set_status(Status(StatusCode.ERROR, end_reason))
+        self.span.end(end_time=int(ended_at * 1e9))
