@@ -4,6 +4,7 @@ thread starts."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import logging
@@ -54,9 +55,10 @@ class MemoryTrimmer:
     glibc keeps freed pages inside its heaps and returns only the top of each, so a call's
     buffers freed below live data stay resident: RSS then moves in 30-60 MiB steps over
     hundreds of calls (bench/RESULTS.md). `malloc_trim(0)` releases every free page of
-    every arena. It runs on a worker thread `TRIM_AFTER_S` after a call ends (the
-    allocator's locks, not the GIL, are held meanwhile), and calls that end close together
-    share one trim. Does nothing where malloc_trim is missing (not glibc)."""
+    every arena. It runs on a thread of its own (made at the first trim, one for the
+    process) `TRIM_AFTER_S` after a call ends (the allocator's locks, not the GIL, are held
+    meanwhile), and calls that end close together share one trim. Does nothing where
+    malloc_trim is missing (not glibc)."""
 
     def __init__(self, delay_s: float = TRIM_AFTER_S) -> None:
         libc = _libc()
@@ -64,6 +66,7 @@ class MemoryTrimmer:
         self.delay_s = delay_s
         self.trims = 0
         self._pending: asyncio.TimerHandle | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def available(self) -> bool:
@@ -88,4 +91,6 @@ class MemoryTrimmer:
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._pending = None
-        loop.run_in_executor(None, self.trim_now)
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="malloc-trim")
+        loop.run_in_executor(self._thread, self.trim_now)

@@ -40,6 +40,9 @@ class SlotStream:
         self.next_token: int | None = None  # the input of the next decode step
         self.first_token_at: float | None = None
         self.cancelled = False  # set by the event loop; the device thread drops it at the next step
+        # Background work (a caller transcript): queued behind every other stream, and given
+        # a slot only while another one stays free for whatever comes next.
+        self.background = False
         self.finished = False  # device side: nothing more will come
         self.done = False  # event-loop side: everything was read
         self._out: asyncio.Queue = asyncio.Queue()
@@ -153,7 +156,11 @@ class SlotBatcher:
             raise AudioGenerationError(f"{what} of {stream.prompt.shape[0]} positions does not fit "
                                        f"the engine's max_seq_len ({self.llama.max_len})")
         stream.max_tokens = min(stream.max_tokens, room)
-        self.waiting.append(stream)
+        if stream.background:
+            self.waiting.append(stream)
+        else:  # ahead of the background streams
+            first = next((i for i, s in enumerate(self.waiting) if s.background), len(self.waiting))
+            self.waiting.insert(first, stream)
 
     @property
     def active(self) -> list:
@@ -198,6 +205,9 @@ class SlotBatcher:
 
     def _assign_slots(self) -> None:
         while self.waiting and None in self.slots:
+            free = self.slots.count(None)
+            if self.waiting[0].background and free < min(2, len(self.slots)):
+                break  # the last free slot is kept for a stream that is not background
             stream = self.waiting.popleft()
             stream.slot = self.slots.index(None)
             self.slots[stream.slot] = stream

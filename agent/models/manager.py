@@ -219,7 +219,8 @@ class UnifiedModelManager:
         in the reply engine when it has room, else on the single path. Cancel it to stop."""
         assert self.voxtral is not None, "Voxtral is not loaded"
         prompt = await asyncio.to_thread(self.voxtral.transcription_prompt, audio, language)
-        stream = await self.device_thread.open(self.open_reply, prompt, params, seed, asyncio.get_running_loop())
+        stream = await self.device_thread.open(self.open_reply, prompt, params, seed, asyncio.get_running_loop(),
+                                               True)
         text = ""
         try:
             while (piece := await stream.next_piece()) is not None:
@@ -234,15 +235,15 @@ class UnifiedModelManager:
         return self.tts.synthesize(text, voice, seed)
 
     def open_reply(self, prompt: ReplyPrompt, params: ReplyParams, seed: int,
-                   loop: asyncio.AbstractEventLoop) -> BatchedReply | TextStream:
+                   loop: asyncio.AbstractEventLoop, background: bool = False) -> BatchedReply | TextStream:
         """Start Voxtral's reply to a prompt from VoxtralModel.reply_prompt (on the device
         thread): a BatchedReply where the reply engine has room for the prompt and the
         longest reply, else a TextStream (the single path). The event loop reads either
-        with next_piece()."""
+        with next_piece(). `background`: behind every reply, in a spare slot (transcripts)."""
         if self.replies is not None:
             length = prompt.input_ids.shape[-1]
             if length + params.max_new_tokens <= self.replies.llama.scratch:
-                return self.replies.admit(prompt, params, seed, loop)
+                return self.replies.admit(prompt, params, seed, loop, background)
             log.info("a prompt of %d tokens leaves no room for a reply in engine.reply_max_seq_len (%d): "
                      "answered by the single path", length, self.settings.engine.reply_max_seq_len)
         assert self.voxtral is not None, "Voxtral is not loaded"

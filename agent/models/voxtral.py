@@ -385,9 +385,11 @@ class ReplyBatcher(SlotBatcher):
         self.whole_prompts = True
 
     def admit(self, prompt: ReplyPrompt, params: ReplyParams, seed: int,
-              loop: asyncio.AbstractEventLoop) -> BatchedReply:
-        """A new reply (on the device thread); it starts at the next step with a free slot."""
+              loop: asyncio.AbstractEventLoop, background: bool = False) -> BatchedReply:
+        """A new reply (on the device thread); it starts at the next step with a free slot.
+        `background` (a caller transcript): after every reply, in a spare slot."""
         stream = BatchedReply(prompt, params, seed, loop)
+        stream.background = background
         self._enqueue(stream, "a Voxtral prompt")
         return stream
 

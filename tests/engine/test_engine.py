@@ -156,6 +156,34 @@ async def test_batched_streams_give_the_tokens_they_give_alone(tts_models):
     assert not batcher.has_work() and batcher.active == []
 
 
+async def test_background_streams_wait_behind_the_others_and_leave_a_slot_free(tts_models):
+    """Caller transcripts run as background streams: a stream admitted after them still
+    goes first, and they never take the last free slot."""
+    orpheus = tts_models[0]
+    batcher = make_batcher(tts_models, max_streams=3, prefill_chunk=16)
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(max_tokens=35)
+
+    def admit(i: int, background: bool):
+        stream = batcher.admit(orpheus.prompt_ids("tara", TEXTS[i]), params, i, loop)
+        if background:  # as VoxtralModel's ReplyBatcher.admit(background=True) marks it
+            batcher.waiting.remove(stream)
+            stream.background = True
+            batcher._enqueue(stream, "a background stream")
+        return stream
+
+    first = admit(0, False)
+    batcher.step()  # first takes slot 0
+    low = [admit(1, True), admit(2, True)]
+    urgent = admit(3, False)  # comes last, is served first
+    assert list(batcher.waiting) == [urgent, *low]
+    batcher.step()
+    assert urgent.slot is not None and first.slot is not None
+    assert low[0].slot is None and low[1].slot is None  # one slot free, and it stays free
+    await run_until_done(batcher, [first, urgent, *low])
+    assert all(s.tokens for s in (first, urgent, *low)) and not batcher.has_work()
+
+
 @pytest.mark.parametrize("pad_snac_windows", [False, True], ids=["cpu-windows", "gpu-windows"])
 async def test_batched_audio_is_every_frame_of_the_one_shot_decode(tts_models, pad_snac_windows):
     orpheus, snac, _ = tts_models
