@@ -154,6 +154,13 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class SipSettings:
+    """[sip]: the agent's SIP account, for the digest challenges of PBXs, trunks and proxies."""
+    username: str
+    password: str = dataclasses.field(repr=False)  # never in a log line or a repr
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """[run]: `voice-agent run`."""
     max_input_s: float
@@ -202,6 +209,7 @@ class Settings:
     echo: EchoSettings
     session: SessionSettings
     server: ServerSettings
+    sip: SipSettings
     run: RunSettings
     records: RecordsSettings
     tracing: TracingSettings
@@ -227,6 +235,7 @@ SECTIONS: dict[str, type] = {
     "echo": EchoSettings,
     "session": SessionSettings,
     "server": ServerSettings,
+    "sip": SipSettings,
     "run": RunSettings,
     "records": RecordsSettings,
     "tracing": TracingSettings,

@@ -31,6 +31,7 @@ from agent.call.factory import SessionFactory
 from agent.config import Settings
 from agent.errors import InputError, VoiceAgentError
 from signaling.sip import endpoint as sip
+from signaling.sip.digest import DigestClient
 from signaling.sip.endpoint import ALLOW, CLOSE_GRACE_S, T1, TIMER_F, Dialog, SipCall, SipEndpoint, contact_uri, hostport, rtp_socket
 from signaling.sip.message import DEFAULT_PORT, SipMessage, SipParseError, SipUri, parse_uri
 from signaling.sip.sdp import SdpError, codec_from_answer, make_offer, parse_sdp
@@ -127,13 +128,25 @@ class SipClient(SipEndpoint):
         invite.body = make_offer(self.advertise, sock.getsockname()[1], random.getrandbits(31)).encode()
         call = SipCall(dialog, invite, self, outbound=True, local_sdp=invite.body)
         self.calls[call.call_id] = call
-        branch = invite.via[0].branch
-        assert branch is not None  # _via() names one
-        answers = self._transactions[(branch, "INVITE")] = asyncio.Queue()
-        self._invites[branch] = (invite, peer)
+        branches: list[str] = []
+        answered: dict[str, str] = {}  # realm -> the nonce our credentials answered
         try:
-            answer = await self._final_answer(call, answers, on_progress, ring_timeout)
-            assert answer.status is not None  # a response
+            while True:  # the INVITE, then again for each digest challenge answered
+                branch = call.invite.via[0].branch
+                assert branch is not None  # _via() names one
+                branches.append(branch)
+                answers = self._transactions[(branch, "INVITE")] = asyncio.Queue()
+                self._invites[branch] = (call.invite, peer)
+                answer = await self._final_answer(call, answers, on_progress, ring_timeout)
+                assert answer.status is not None  # a response
+                if answer.status not in (401, 407):
+                    break
+                retry = self._authorized(call.invite, answer, answered)
+                if retry is None:
+                    raise CallFailed(_rejection(answer, uri, refused=self.digest if answered else None))
+                log.info("call %s: answering the %d challenge as %s", call.call_id, answer.status,
+                         self.settings.sip.username)
+                call.invite = retry
             if answer.status >= 300:
                 raise CallFailed(_rejection(answer, uri))
             self._confirm(call, answer)
@@ -148,8 +161,9 @@ class SipClient(SipEndpoint):
             await self._end(call, "the call did not start", bye=call.answered, wait=CLOSE_GRACE_S)
             raise
         finally:
-            self._transactions.pop((branch, "INVITE"), None)
-            asyncio.get_running_loop().call_later(TIMER_D, self._invites.pop, branch, None)
+            for branch in branches:
+                self._transactions.pop((branch, "INVITE"), None)
+                asyncio.get_running_loop().call_later(TIMER_D, self._invites.pop, branch, None)
         log.info("call %s answered (%s, RTP %d -> %s:%d)", call.call_id, codec.name, sock.getsockname()[1],
                  codec.remote_ip, codec.remote_port)
         return call
@@ -230,11 +244,16 @@ def _in_transaction(invite: SipMessage, method: str, to: str | None = None) -> S
     return SipMessage(method=method, uri=invite.uri, headers=headers)
 
 
-def _rejection(answer: SipMessage, uri: SipUri) -> str:
+def _rejection(answer: SipMessage, uri: SipUri, refused: DigestClient | None = None) -> str:
+    """One line saying why the call was not answered. `refused`: our credentials were
+    answered and challenged again (wrong user name or password)."""
     assert answer.status is not None  # a response
     what = f"{answer.status} {answer.reason or ''}".strip()[:100]
+    if answer.status in (401, 407) and refused is not None:
+        return f"{uri} refused the credentials of sip.username {refused.username!r} ({what}): check the password"
     if answer.status in (401, 407):
-        return f"{uri} asks for authentication ({what}); voice-agent call does not do SIP digest authentication"
+        return (f"{uri} asks for authentication ({what}); set sip.username and sip.password "
+                f"(VOICE_AGENT_SIP__PASSWORD), or its challenge cannot be answered (see the log)")
     if answer.status < 400:
         return f"{uri} redirects the call elsewhere ({what}); redirects are not followed"
     if answer.status in (486, 600):

@@ -47,6 +47,7 @@ from agent.call.factory import SessionFactory
 from agent.call.session import CallSession
 from agent.config import Settings
 from agent.rates import OUT_RATE
+from signaling.sip.digest import CHALLENGE_HEADER, DigestClient, DigestError, parse_challenge
 from signaling.sip.message import (
     SipMessage,
     SipParseError,
@@ -183,6 +184,8 @@ class SipEndpoint(asyncio.DatagramProtocol):
         self._ending: set[asyncio.Task] = set()  # calls being ended from a callback
         # Our requests waiting for answers, by (Via branch, CSeq method): CANCEL shares its INVITE's branch.
         self._transactions: dict[tuple[str, str], asyncio.Queue[SipMessage]] = {}
+        sip = settings.sip
+        self.digest = DigestClient(sip.username, sip.password) if sip.username else None
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -488,10 +491,61 @@ class SipEndpoint(asyncio.DatagramProtocol):
     def _via(self) -> str:
         return f"SIP/2.0/UDP {hostport(self.advertise, self.port)};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport"
 
+    def _authorized(self, request: SipMessage, challenge: SipMessage, answered: dict[str, str]) -> SipMessage | None:
+        """`request` again, answering the digest challenges of a 401/407 with sip.username
+        (RFC 3261 22.2): CSeq + 1, a new branch, an Authorization or Proxy-Authorization for
+        each. None when there are no credentials, or when a realm already answered
+        (`answered`: realm -> nonce, kept across the tries of one request) challenges
+        again with a nonce that is not stale: the credentials were refused."""
+        assert challenge.status is not None and request.method is not None and request.uri is not None
+        if self.digest is None:
+            return None
+        header = CHALLENGE_HEADER[challenge.status]
+        try:
+            challenges = [parse_challenge(header, value) for value in challenge.headers_named(header)]
+        except DigestError as e:
+            log.warning("cannot answer the %d to our %s: %s", challenge.status, request.method, e)
+            return None
+        if not challenges:
+            return None
+        answers = []
+        for c in challenges:
+            if c.realm in answered and not c.stale:
+                return None
+            answered[c.realm] = c.nonce
+            answers.append((c.answer_header, self.digest.answer(c, request.method, request.uri)))
+        replaced = {name for name, _ in answers}
+        cseq = request.cseq[0] + 1
+        call = self.calls.get(request.call_id)
+        if call is not None:  # the dialog's next request must come after this one
+            call.dialog.local_cseq = max(call.dialog.local_cseq, cseq)
+        headers: list[tuple[str, str]] = []
+        for name, value in request.headers:
+            key = canonical_name(name)
+            if key == "Via":  # ours has one; the new transaction gets a branch of its own
+                headers.append(("Via", self._via()))
+            elif key == "CSeq":
+                headers.append(("CSeq", f"{cseq} {request.method}"))
+            elif key not in replaced:
+                headers.append((name, value))
+        return SipMessage(method=request.method, uri=request.uri, headers=headers + answers, body=request.body)
+
     async def _send_request(self, request: SipMessage, to: tuple[str, int], timeout: float = TIMER_F) -> SipMessage | None:
         """Send a request other than INVITE as a client transaction (RFC 3261 17.1.2): resent
         on Timer E (T1, doubling up to T2) until a final answer, which is returned; None if
-        none comes within `timeout` (Timer F)."""
+        none comes within `timeout` (Timer F). A 401/407 is answered once with sip.username
+        (a request but CANCEL: RFC 3261 22.1 forbids challenging it)."""
+        answered: dict[str, str] = {}
+        while True:
+            answer = await self._request_once(request, to, timeout)
+            if answer is None or answer.status not in (401, 407) or request.method == "CANCEL":
+                return answer
+            retry = self._authorized(request, answer, answered)
+            if retry is None:
+                return answer
+            request = retry
+
+    async def _request_once(self, request: SipMessage, to: tuple[str, int], timeout: float) -> SipMessage | None:
         branch, method = request.via[0].branch, request.method
         assert branch is not None and method is not None  # a request with our _via()
         key = (branch, method)
