@@ -37,6 +37,7 @@ from agent.call.events import TurnFinished
 from agent.call.factory import SessionFactory
 from agent.config import Settings
 from agent.process import MemoryTrimmer
+from signaling.mediastream import MAX_MESSAGE_BYTES, MediaStreamCall
 from signaling.slots import CallSlots
 from signaling.webrtc.call import BadOffer, WebRTCCall
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WEB = Path(__file__).resolve().parent.parent / "web"
 LAG_INTERVAL_S = 0.1
-TRANSPORTS = ("webrtc", "sip")
+TRANSPORTS = ("webrtc", "sip", "media-stream")
 
 SESSIONS = web.AppKey("sessions", SessionFactory)
 SETTINGS = web.AppKey("settings", Settings)
@@ -122,6 +123,7 @@ def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/static/{name:.*}", static_file)
     app.router.add_post("/offer", offer)
+    app.router.add_get("/media-stream", media_stream)
     app.router.add_get("/calls", list_calls)
     app.router.add_get("/calls/{call_id}", get_call)
     app.router.add_delete("/calls/{call_id}", hang_up)
@@ -322,6 +324,31 @@ def _forget(app: web.Application, call: WebRTCCall) -> None:
         app[METRICS].ended.labels(call.end_reason or "unknown").inc()
     app[SLOTS].release(_slot(call))
     app[METRICS].count_slots(app[SLOTS])
+
+
+async def media_stream(request: web.Request) -> web.StreamResponse:
+    """A provider's media stream (signaling/mediastream.py): one phone call a WebSocket."""
+    sessions: SessionFactory = request.app[SESSIONS]
+    slots: CallSlots = request.app[SLOTS]
+    if not sessions.ready:
+        return error(503, "the models are still loading; try again shortly")
+    if not slots.free:
+        return error(503, f"the agent is busy: {slots.limit} calls in progress, the limit")
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
+    if not ws.can_prepare(request).ok:
+        return error(400, "GET /media-stream takes a WebSocket: a provider's media stream (Twilio's format)")
+    await ws.prepare(request)
+    calls = request.app[CALLS]
+
+    def closed(call: MediaStreamCall) -> None:
+        calls.pop(call.id, None)
+        request.app[METRICS].ended.labels(f"media-stream:{call.ended_by}").inc()  # few values, unlike reasons
+        request.app[METRICS].count_slots(slots)
+
+    call = MediaStreamCall(ws, sessions, request.app[SETTINGS], slots, request.remote, on_closed=closed)
+    calls[call.id] = call
+    await call.run()
+    return ws
 
 
 async def list_calls(request: web.Request) -> web.Response:
