@@ -315,7 +315,7 @@ async def test_one_call_limit_for_webrtc_and_sip(server):
             await caller.dial(http)
             assert await asyncio.to_thread(phone.invite) == 486
             state = await async_health(http, server)
-            assert state["calls_by_transport"] == {"webrtc": 1, "sip": 0} and state["free_slots"] == 0, state
+            assert state["calls_by_transport"] == {"webrtc": 1, "sip": 0, "media-stream": 0} and state["free_slots"] == 0, state
             async with http.delete(server.url + f"/calls/{caller.call_id}") as r:
                 assert r.status == 200
             await caller.pc.close()
@@ -324,7 +324,7 @@ async def test_one_call_limit_for_webrtc_and_sip(server):
             phone.call_id = uuid.uuid4().hex
             assert await asyncio.to_thread(phone.invite) == 200
             state = await async_health(http, server)
-            assert state["calls_by_transport"] == {"webrtc": 0, "sip": 1} and state["active_calls"] == 1, state
+            assert state["calls_by_transport"] == {"webrtc": 0, "sip": 1, "media-stream": 0} and state["active_calls"] == 1, state
             async with http.post(server.url + "/offer", json={"sdp": await offer_sdp(), "type": "offer"}) as r:
                 assert r.status == 503 and "busy" in (await r.json())["error"]
             async with http.get(server.url + "/metrics") as r:
