@@ -313,6 +313,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
     if not 0 <= sip_port < 65536:
         raise InputError(f"--sip-port must be between 0 (off) and 65535, got {sip_port}")
+    if settings.sip.register:
+        from signaling.sip.register import parse_registrar
+
+        if not sip_port:
+            raise InputError("sip.register needs SIP: give --sip-port N (or server.sip_port)")
+        try:
+            parse_registrar(settings.sip.register)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     _preflight(settings)
     models = UnifiedModelManager(settings)  # loaded by serve() while the page already answers
     try:

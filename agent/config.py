@@ -157,6 +157,8 @@ class ServerSettings:
 class SipSettings:
     """[sip]: the agent's SIP account, for the digest challenges of PBXs, trunks and proxies."""
     username: str
+    register: str
+    register_expires: int
     password: str = dataclasses.field(repr=False)  # never in a log line or a repr
 
 
@@ -306,6 +308,7 @@ _RANGES = {
     "server.media_timeout_s": (1.0, 3600.0),
     "server.max_unconfirmed_per_source": (1, 10_000),
     "run.max_input_s": (1.0, 86_400.0),
+    "sip.register_expires": (10, 86_400),
     "records.transcribe_tokens": (1, 100_000),
     "records.keep": (0, 1_000_000),
     "monitor.ttft_ms_target": (0.0, None),

@@ -38,6 +38,9 @@ from agent.call.factory import SessionFactory
 from agent.config import Settings
 from agent.process import MemoryTrimmer
 from signaling.mediastream import MAX_MESSAGE_BYTES, MediaStreamCall
+from signaling.sip.client import local_address_for
+from signaling.sip.endpoint import SipEndpoint
+from signaling.sip.register import Registration, parse_registrar
 from signaling.slots import CallSlots
 from signaling.webrtc.call import BadOffer, WebRTCCall
 
@@ -85,6 +88,8 @@ class Metrics:
                                   buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5), registry=r)
         self.gpu_memory = Gauge("voice_agent_gpu_memory_mib", "GPU memory (MiB)", ["kind"], registry=r)
         self.models_ready = Gauge("voice_agent_models_ready", "1 when the models are loaded", registry=r)
+        self.sip_registered = Gauge("voice_agent_sip_registered", "1 while the SIP registration (sip.register) holds",
+                                    registry=r)
         r.register(_SipCounts(sip))
 
     def count_slots(self, slots: CallSlots) -> None:
@@ -108,6 +113,15 @@ class _SipCounts:
 
 
 METRICS = web.AppKey("metrics", Metrics)
+REGISTRATION = web.AppKey("registration", Registration)
+
+
+def registration_for(sip: SipEndpoint, settings: Settings, host: str) -> Registration:
+    """sip.register's Registration of `sip`'s contact (ValueError, one line, for a bad one).
+    The contact names the address the registrar is reached from when `host` is a wildcard."""
+    aor, registrar = parse_registrar(settings.sip.register)
+    contact_host = local_address_for(registrar) if host in ("0.0.0.0", "::", "") else host
+    return Registration(sip, aor, registrar, settings.sip.register_expires, contact_host)
 
 
 def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
@@ -393,15 +407,26 @@ async def health(request: web.Request) -> web.Response:
         "calls_by_transport": {t: held.get(t, 0) for t in TRANSPORTS},
         "free_slots": slots.free,
         "max_calls": slots.limit,
+        "sip_registration": _registration_state(request.app),
         "voices": list(settings.tts.voices),
         "default_voice": settings.session.voice or settings.tts.default_voice,
     })
+
+
+def _registration_state(app: web.Application) -> dict[str, Any] | None:
+    registration = app.get(REGISTRATION)
+    if registration is None:
+        return None
+    return {"aor": str(registration.aor), "state": registration.state, "expires_s": registration.granted}
 
 
 async def metrics(request: web.Request) -> web.Response:
     m: Metrics = request.app[METRICS]
     sessions: SessionFactory = request.app[SESSIONS]
     m.models_ready.set(1 if sessions.ready else 0)
+    registration = request.app.get(REGISTRATION)
+    if registration is not None:
+        m.sip_registered.set(1 if registration.state == "registered" else 0)
     m.count_slots(request.app[SLOTS])
     for kind, value in sessions.memory_stats().items():
         m.gpu_memory.labels(kind.removesuffix("_mib")).set(value)
@@ -457,9 +482,14 @@ def serve(sessions: SessionFactory, load: Callable[[], None], settings: Settings
     async def start_sip(app: web.Application) -> None:
         assert sip is not None  # registered only with a SIP port
         await sip.start()
+        if settings.sip.register:
+            app[REGISTRATION] = registration = registration_for(sip, settings, host)
+            registration.start()  # beside the start: a registrar that never answers holds nothing up
 
     async def stop_sip(app: web.Application) -> None:
         assert sip is not None  # registered only with a SIP port
+        if REGISTRATION in app:
+            await app[REGISTRATION].stop()
         await sip.close()
 
     if sip is not None:
