@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily
 from agent.call.events import TurnFinished
 from agent.call.factory import SessionFactory
 from agent.config import Settings
+from agent.errors import VoiceAgentError
 from agent.process import MemoryTrimmer
 from signaling.mediastream import MAX_MESSAGE_BYTES, MediaStreamCall
 from signaling.sip.client import local_address_for
@@ -117,11 +118,23 @@ REGISTRATION = web.AppKey("registration", Registration)
 
 
 def registration_for(sip: SipEndpoint, settings: Settings, host: str) -> Registration:
-    """sip.register's Registration of `sip`'s contact (ValueError, one line, for a bad one).
-    The contact names the address the registrar is reached from when `host` is a wildcard."""
+    """sip.register's Registration of `sip`'s contact (ValueError, one line, for a bad one)."""
     aor, registrar = parse_registrar(settings.sip.register)
-    contact_host = local_address_for(registrar) if host in ("0.0.0.0", "::", "") else host
-    return Registration(sip, aor, registrar, settings.sip.register_expires, contact_host)
+    return Registration(sip, aor, registrar, settings.sip.register_expires, sip.advertise)
+
+
+def sip_address(host: str, settings: Settings) -> str | None:
+    """The address SIP puts in Via, Contact and SDP when it listens on a wildcard (0.0.0.0
+    or ::), where peers cannot be told "0.0.0.0": the one the route to the registrar
+    leaves from (sip.register), else the default route's. None: `host` itself."""
+    if host not in ("0.0.0.0", "::", ""):
+        return None
+    target = parse_registrar(settings.sip.register)[1] if settings.sip.register else ("192.0.2.1", 5060)
+    try:
+        return local_address_for(target)  # no packet is sent (TEST-NET-1 for the default route)
+    except VoiceAgentError:
+        log.warning("SIP: no route to %s; advertising 127.0.0.1 (peers elsewhere cannot reach it)", target[0])
+        return "127.0.0.1"
 
 
 def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
@@ -477,7 +490,8 @@ def serve(sessions: SessionFactory, load: Callable[[], None], settings: Settings
     app = create_app(sessions, settings)
     failure: list[BaseException] = []
     stop = asyncio.Event()
-    sip = SipServer(sessions, settings, host, sip_port, slots=app[SLOTS]) if sip_port else None
+    sip = (SipServer(sessions, settings, host, sip_port, advertise=sip_address(host, settings), slots=app[SLOTS])
+           if sip_port else None)
 
     async def start_sip(app: web.Application) -> None:
         assert sip is not None  # registered only with a SIP port

@@ -99,3 +99,18 @@ async def test_a_registrar_that_never_answers_holds_up_nothing():
         serve.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(serve.communicate(), 60)
     assert serve.returncode == 0, err.decode()[-3000:]
+
+
+def test_a_wildcard_host_advertises_a_reachable_address():
+    """`serve --host 0.0.0.0`: Via, Contact and SDP must not say 0.0.0.0 to a peer."""
+    import ipaddress
+
+    from agent.config import load_settings
+    from signaling.server import sip_address
+
+    settings = load_settings("tiny", env={})
+    assert sip_address("127.0.0.1", settings) is None  # a concrete address is used as it is
+    default = sip_address("0.0.0.0", settings)
+    assert default is not None and not ipaddress.ip_address(default).is_unspecified
+    via_registrar = settings.replace("sip", register="sip:alice@127.0.0.1:5070")
+    assert sip_address("0.0.0.0", via_registrar) == "127.0.0.1"  # the route to the registrar
