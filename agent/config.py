@@ -132,6 +132,9 @@ class SessionSettings:
     max_queued_s: float
     min_first_chunk_chars: int
     hangup_digit: str
+    transfer_to: str
+    transfer_digit: str
+    transfer_failed: str
     greeting: str
     idle_prompt: str
     idle_prompt_s: float
@@ -435,6 +438,13 @@ def _check_cross(s: Settings) -> None:
     if s.session.hangup_digit and (len(s.session.hangup_digit) != 1 or s.session.hangup_digit not in DTMF_KEYS):
         raise ConfigError(f"setting session.hangup_digit must be one key of {DTMF_KEYS} or \"\" (off); "
                           f"got {s.session.hangup_digit!r}")
+    if s.session.transfer_digit and (len(s.session.transfer_digit) != 1 or s.session.transfer_digit not in DTMF_KEYS
+                                     or s.session.transfer_digit == s.session.hangup_digit):
+        raise ConfigError(f"setting session.transfer_digit must be one key of {DTMF_KEYS} other than "
+                          f"session.hangup_digit, or \"\" (off); got {s.session.transfer_digit!r}")
+    if s.session.transfer_digit and not s.session.transfer_to.startswith("sip:"):
+        raise ConfigError(f"setting session.transfer_digit needs session.transfer_to, a sip: URI; "
+                          f"got {s.session.transfer_to!r}")
     if s.session.voice and s.session.voice not in s.tts.voices:
         raise ConfigError(f"setting session.voice {s.session.voice!r} is not in tts.voices")
     if s.turn.engine == "smart_turn" and s.turn.min_silence_ms >= s.turn.max_silence_ms:

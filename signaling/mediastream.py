@@ -179,8 +179,12 @@ class MediaStreamCall:
                 self._played(min(int(name), self.marks_sent))
         elif event == "dtmf":
             digit = (data.get("dtmf") or {}).get("digit") if isinstance(data.get("dtmf"), dict) else None
-            if isinstance(digit, str) and len(digit) == 1 and self.session.push_dtmf(digit):
+            action = self.session.push_dtmf(digit) if isinstance(digit, str) and len(digit) == 1 else None
+            if action == "hangup":
                 self._spawn(self.close(f"the caller pressed the hang-up key {digit}", "caller"), "hang-up")
+            elif action == "transfer":  # a provider transfers through its own API (not built here)
+                log.warning("media stream %s: transfers are not built for media streams", self.id)
+                self.session.transferred(self.settings.session.transfer_to, False, "not built for media streams")
         elif event == "stop":
             return "stop"
         return None  # "connected" again, or an event this agent does not use

@@ -57,7 +57,7 @@ SESSIONS = web.AppKey("sessions", SessionFactory)
 SETTINGS = web.AppKey("settings", Settings)
 CALLS = web.AppKey("calls", dict)
 SLOTS = web.AppKey("slots", CallSlots)
-SIP = web.AppKey("sip", object)  # the SipServer of `serve --sip-port`, for its counters
+SIP = web.AppKey("sip", SipEndpoint)  # the SipServer of `serve --sip-port`: its counters, its calls
 
 LAG_MONITOR = web.AppKey("lag_monitor", asyncio.Task)
 LOADER = web.AppKey("loader", asyncio.Task)
@@ -154,6 +154,7 @@ def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
     app.router.add_get("/calls", list_calls)
     app.router.add_get("/calls/{call_id}", get_call)
     app.router.add_delete("/calls/{call_id}", hang_up)
+    app.router.add_post("/calls/{call_id}/transfer", transfer)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.on_startup.append(start_lag_monitor)
@@ -406,6 +407,34 @@ async def hang_up(request: web.Request) -> web.Response:
         return error(404, "no such call")
     await call.close()
     return web.json_response({"call_id": call.id, "state": "ended"})
+
+
+async def transfer(request: web.Request) -> web.Response:
+    """Hand a phone call on: {"to": "sip:..."} (session.transfer_to without one). 202 once
+    the REFER is under way; the outcome comes as the session's CallTransferred event and in
+    the call's record."""
+    call_id = request.match_info["call_id"]
+    body, refusal = await read_json_body(request, request.app[SETTINGS].server.max_body_kb)
+    if refusal is not None:
+        return refusal
+    if not isinstance(body, dict):
+        return error(400, "the body must be a JSON object")
+    target = body.get("to") or request.app[SETTINGS].session.transfer_to
+    if not isinstance(target, str) or not target.startswith("sip:") or any(c in target for c in "<>\r\n \""):
+        return error(400, f"field to must be a sip: URI, got {str(target)[:80]!r}")
+    sip = request.app.get(SIP)
+    call = next((c for c in (sip.calls.values() if sip is not None else ())
+                 if c.session is not None and c.session.call_id == call_id), None)
+    if call is None:
+        if call_id in request.app[CALLS]:
+            return error(409, "only phone calls (SIP) can be transferred")
+        return error(404, "no such call")
+    if call.transfer is not None or not call.confirmed or call.ended:
+        return error(409, "the call cannot be transferred now (not answered, ending, or a transfer under way)")
+    assert sip is not None  # the call was found among its calls
+    task = asyncio.ensure_future(sip.transfer(call, target))
+    call.tasks.append(task)
+    return web.json_response({"call_id": call_id, "to": target, "state": "transferring"}, status=202)
 
 
 async def health(request: web.Request) -> web.Response:

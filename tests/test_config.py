@@ -80,3 +80,13 @@ def test_a_value_outside_numeric_choices_is_a_config_error(key):
     """Choices that are numbers are listed in the message too (it used to raise TypeError)."""
     with pytest.raises(ConfigError, match=r"must be one of .*\d, \d.*; got 5"):
         load_settings("tiny", env={key: "5"})
+
+
+@pytest.mark.parametrize(("changes", "problem"), [
+    ({"transfer_digit": "12"}, "transfer_digit must be one key"),
+    ({"transfer_digit": "#", "hangup_digit": "#", "transfer_to": "sip:a@b"}, "other than session.hangup_digit"),
+    ({"transfer_digit": "0"}, "needs session.transfer_to, a sip: URI"),
+])
+def test_transfer_settings_are_checked(changes, problem):
+    with pytest.raises(ConfigError, match=problem):
+        load_settings("tiny", env={}).replace("session", **changes)

@@ -84,6 +84,16 @@ class AgentHungUp:
 
 
 @dataclass(frozen=True)
+class CallTransferred:
+    """The agent handed the call on (SIP REFER): `ok` when the transfer target answered
+    (the agent then hangs up), else `status` says why not and the call goes on."""
+    to: str
+    ok: bool
+    status: str
+    t: float
+
+
+@dataclass(frozen=True)
 class DtmfReceived:
     """The caller pressed a key (RFC 4733 telephone-event)."""
     digit: str  # 0-9, *, #, A-D
@@ -91,7 +101,7 @@ class DtmfReceived:
 
 
 SessionEvent = (CallerSpeechStarted | CallerSpeechStopped | CallerTranscript | AgentReplyText | AgentInterrupted | AgentPaused
-                | AgentResumed | TurnFinished | TurnFailed | DtmfReceived | AgentHungUp)
+                | AgentResumed | TurnFinished | TurnFailed | DtmfReceived | AgentHungUp | CallTransferred)
 
 
 def event_message(event: SessionEvent) -> dict[str, Any]:
@@ -120,6 +130,8 @@ def event_message(event: SessionEvent) -> dict[str, Any]:
         return {"type": "dtmf", "digit": event.digit, "t": round(event.t, 3)}
     if isinstance(event, AgentHungUp):
         return {"type": "hangup", "reason": event.reason, "t": round(event.t, 3)}
+    if isinstance(event, CallTransferred):
+        return {"type": "transferred", "to": event.to, "ok": event.ok, "status": event.status, "t": round(event.t, 3)}
     raise TypeError(f"not a session event: {event!r}")
 
 
@@ -139,6 +151,8 @@ def event_line(event: SessionEvent) -> str | None:
         return f"DTMF {event.digit} at {event.t:.2f} s"
     if isinstance(event, AgentHungUp):
         return f"the agent hung up at {event.t:.2f} s: {event.reason}"
+    if isinstance(event, CallTransferred):
+        return f"transfer to {event.to}: {'done' if event.ok else 'failed'} ({event.status})"
     return None
 
 
@@ -165,8 +179,8 @@ class TurnRecord:
     withdrawn: bool = False  # the caller went on before any of the reply was heard (not in the call's turns)
     preemptive: bool = False  # the reply was started at the pause, before the turn was decided
     # "reply" (to the caller's utterance), "greeting" (session.greeting, when the call was
-    # answered) or "idle_prompt" (session.idle_prompt, the caller silent): the last two
-    # have no caller audio of their own.
+    # answered), "idle_prompt" (session.idle_prompt, the caller silent) or "transfer_failed"
+    # (session.transfer_failed): the last three have no caller audio of their own.
     kind: str = "reply"
     played_text: str | None = None  # set once known: the whole reply, or what was heard
     transcript: str | None = None  # the caller's words (records.transcribe), once written

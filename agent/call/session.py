@@ -42,6 +42,7 @@ from agent.call.events import (
     CallerSpeechStarted,
     CallerSpeechStopped,
     CallerTranscript,
+    CallTransferred,
     DtmfReceived,
     Segment,
     SessionEvent,
@@ -263,15 +264,29 @@ class CallSession:
             self._decision.cancel()
         self._decision = None
 
-    def push_dtmf(self, digit: str) -> bool:
+    def push_dtmf(self, digit: str) -> str | None:
         """A key the caller pressed (RFC 4733 on phone lines), emitted as DtmfReceived.
-        Returns True for session.hangup_digit: the transport then ends the call."""
+        Returns what the transport is to do: "hangup" (session.hangup_digit), "transfer"
+        (session.transfer_digit, to session.transfer_to), or None."""
         if self.closed:
-            return False
+            return None
         event = DtmfReceived(digit, self.now())
         self.dtmf.append(event)
         self._emit(event)
-        return digit == self.settings.session.hangup_digit
+        s = self.settings.session
+        if digit == s.hangup_digit:
+            return "hangup"
+        if digit == s.transfer_digit:
+            return "transfer"
+        return None
+
+    def transferred(self, to: str, ok: bool, status: str) -> None:
+        """The transport's transfer of the call ended: emitted as CallTransferred; a failed
+        one is said to the caller (session.transfer_failed) and the call goes on."""
+        self._emit(CallTransferred(to, ok, status, self.now()))
+        if not ok:
+            self.barge_in()  # whatever the agent was saying is moot now
+            self._say(self.settings.session.transfer_failed, "transfer_failed")
 
     def _may_hold(self) -> bool:
         """A sound of the caller's pauses the agent (rather than cutting it) while the

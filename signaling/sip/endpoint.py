@@ -70,9 +70,12 @@ log = logging.getLogger(__name__)
 T1, T2 = 0.5, 4.0  # RFC 3261 timers: resends at T1, 2 T1, 4 T1... (capped at T2 but for the INVITE)
 TIMER_B = TIMER_F = TIMER_H = 64 * T1  # give up waiting: for an INVITE's answer, a request's, an ACK
 CLOSE_GRACE_S = 2.0  # on shutdown, how long the BYEs get to be answered
-ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS"
+ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY"
 HANDLED = frozenset(ALLOW.split(", "))
-KNOWN_UNSUPPORTED = {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
+# NOTIFY is taken only for the agent's own transfers (REFER's subscription); the agent
+# does not take REFERs (a caller cannot have the agent transfer itself elsewhere).
+KNOWN_UNSUPPORTED = {"REGISTER", "SUBSCRIBE", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
+TRANSFER_TIMEOUT_S = 120.0  # how long a transfer may ring at its target
 # Option tags a request may Require (RFC 3261 8.2.2.3). None: no reliable provisionals
 # (100rel), no session timers (timer, RFC 4028: its refreshes would need UPDATE or our own
 # re-INVITEs), no replaces. A Require of anything is answered 420.
@@ -131,6 +134,7 @@ class SipCall:
     dtmf: list[str] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
     confirmed: bool = False  # the first ACK came (inbound), or the 200 (outbound): media may flow
+    transfer: asyncio.Queue | None = None  # a transfer of ours waits for the NOTIFYs' (status, terminated)
     provisional: bytes | None = None  # our latest provisional answer, for resends of the INVITE
     created: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
@@ -279,6 +283,8 @@ class SipEndpoint(asyncio.DatagramProtocol):
             await self._end(call, "the other side hung up")
         elif method == "CANCEL":
             await self._cancel(msg, addr)
+        elif method == "NOTIFY":
+            self._notify(msg, addr)
         else:  # OPTIONS
             self._respond(msg, addr, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
 
@@ -420,8 +426,74 @@ class SipEndpoint(asyncio.DatagramProtocol):
     def _dtmf(self, call: SipCall, digit: str) -> None:
         call.dtmf.append(digit)
         log.info("call %s: DTMF %s", call.call_id, digit)
-        if call.session is not None and call.session.push_dtmf(digit) and not call.ended:
+        action = call.session.push_dtmf(digit) if call.session is not None else None
+        if action == "hangup" and not call.ended:
             self._call_task(call, call.hangup(f"the caller pressed the hang-up key {digit}"), "hangup")
+        elif action == "transfer" and not call.ended and call.transfer is None:
+            self._call_task(call, self.transfer(call, self.settings.session.transfer_to), "transfer")
+
+    # -- transfer (RFC 3515) ----------------------------------------------------------
+
+    async def transfer(self, call: SipCall, target: str) -> bool:
+        """Hand the caller on to `target` (a sip: URI) with REFER, follow the NOTIFYs'
+        sipfrag progress, and hang up once it answered 2xx; on a failure the call goes on
+        and the session says so. Returns whether the call was transferred."""
+        if call.transfer is not None or call.ended or not call.confirmed:
+            return False
+        call.transfer = asyncio.Queue()
+        status = "no answer to the REFER"
+        try:
+            refer = call.dialog.request("REFER", self._via())
+            refer.headers += [("Contact", self.contact), ("Refer-To", f"<{target}>"),
+                              ("Referred-By", _uri_of(call.dialog.local))]
+            log.info("call %s: transferring to %s", call.call_id, target)
+            answer = await self._send_request(refer, call.dialog.peer)
+            if answer is not None and answer.status is not None and 200 <= answer.status < 300:
+                status = await self._transfer_outcome(call)
+            elif answer is not None:
+                status = f"{answer.status} {answer.reason or ''}".strip()
+        finally:
+            call.transfer = None
+        ok = status.startswith("2")
+        log.info("call %s: transfer to %s %s (%s)", call.call_id, target, "done" if ok else "failed", status)
+        if call.session is not None:
+            call.session.transferred(target, ok, status)
+        if ok:
+            self.counts["transferred"] += 1
+            await self._end(call, f"the agent transferred the call to {target}", bye=True)
+        else:
+            self.counts["transfer_failed"] += 1
+        return ok
+
+    async def _transfer_outcome(self, call: SipCall) -> str:
+        """The transfer's final status line from the NOTIFYs (RFC 3515 2.4.5): "200 OK",
+        "486 Busy Here"...; the subscription ending without one, or TRANSFER_TIMEOUT_S
+        passing, is a failure."""
+        assert call.transfer is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TRANSFER_TIMEOUT_S
+        while (left := deadline - loop.time()) > 0:
+            try:
+                status, terminated = await asyncio.wait_for(call.transfer.get(), left)
+            except TimeoutError:
+                break
+            if status is not None and not status.startswith("1"):
+                return status
+            if terminated:
+                return status or "the transfer ended without a final answer"
+        return f"no final answer in {TRANSFER_TIMEOUT_S:.0f} s"
+
+    def _notify(self, msg: SipMessage, addr: tuple[str, int]) -> None:
+        """A NOTIFY of the refer subscription (RFC 3515): its sipfrag's status line goes to
+        the transfer waiting for it; any other NOTIFY gets 481 (no such subscription)."""
+        call = self.calls.get(msg.call_id)
+        event = (msg.header("Event") or "").split(";")[0].strip().lower()
+        if call is None or call.transfer is None or msg.to_tag != call.local_tag or event != "refer":
+            self._respond(msg, addr, 481)
+            return
+        self._respond(msg, addr, 200)
+        terminated = (msg.header("Subscription-State") or "").strip().lower().startswith("terminated")
+        call.transfer.put_nowait((_sipfrag_status(msg.body), terminated))
 
     def _send_2xx(self, call: SipCall, data: bytes, cseq: int, to: tuple[str, int]) -> None:
         """Send our 2xx to an INVITE and resend it until its ACK comes (RFC 3261 13.3.1.4)."""
@@ -774,10 +846,25 @@ def _party(call: SipCall) -> dict[str, str | None]:
 
 
 # Who ended a call, by the start of its end reason (the reasons _end() is given).
-_ENDED_BY = (("agent hung up", "agent"), ("the agent hung up", "agent"), ("the agent shut down", "server"),
+_ENDED_BY = (("agent hung up", "agent"), ("the agent hung up", "agent"), ("the agent transferred", "agent"),
+             ("the agent shut down", "server"),
              ("the other side hung up", "caller"), ("the caller", "caller"), ("no RTP", "network"),
              ("no ACK", "network"), ("not confirmed", "network"))
 
 
 def _ended_by(reason: str) -> str:
     return next((by for start, by in _ENDED_BY if reason.startswith(start)), "error")
+
+
+def _uri_of(name_addr: str) -> str:
+    """`<sip:...>` of a From/To value, without its tag."""
+    return name_addr.split(";tag=")[0].strip()
+
+
+def _sipfrag_status(body: bytes) -> str | None:
+    """The status of a message/sipfrag body's status line, "200 OK" (None when there is none)."""
+    first = body.decode("utf-8", "replace").strip().splitlines()[:1]
+    parts = first[0].split(None, 2) if first else []
+    if len(parts) >= 2 and parts[0].upper().startswith("SIP/") and parts[1].isdigit():
+        return " ".join(parts[1:])
+    return None

@@ -19,6 +19,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
+from signaling.sip.endpoint import ALLOW
 from signaling.sip.message import DEFAULT_PORT, SipMessage, SipParseError, SipUri, parse_uri
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class Registration:
         request = SipMessage(method="REGISTER", uri=f"sip:{host}", headers=[
             ("Via", self.endpoint._via()), ("Max-Forwards", "70"), ("From", f"<{aor}>;tag={self.tag}"),
             ("To", f"<{aor}>"), ("Call-ID", self.call_id), ("CSeq", f"{self.cseq} REGISTER"),
-            ("Contact", self.contact), ("Expires", str(expires)), ("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS")])
+            ("Contact", self.contact), ("Expires", str(expires)), ("Allow", ALLOW)])
         kwargs = {} if timeout is None else {"timeout": timeout}
         answer = await self.endpoint._send_request(request, self.registrar, **kwargs)
         if answer is not None:

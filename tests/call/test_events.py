@@ -15,6 +15,7 @@ from agent.call.events import (
     CallerSpeechStarted,
     CallerSpeechStopped,
     CallerTranscript,
+    CallTransferred,
     DtmfReceived,
     TurnFailed,
     TurnFinished,
@@ -27,7 +28,7 @@ RECORD = TurnRecord(index=2, start=1.0, end=2.5, decided_at=3.0, played_text="He
 ONE_OF_EACH = [CallerSpeechStarted(1.23456), CallerSpeechStopped(2.5, 1.25), AgentReplyText(2, "Hello there."),
                AgentInterrupted(2, "Hello", 12), TurnFinished(RECORD), TurnFailed(3, "RuntimeError: boom"),
                DtmfReceived("5", 4.0), AgentPaused(2, 5.0), AgentResumed(2, 5.5, 0.5), AgentHungUp("idle caller", 9.0),
-               CallerTranscript(2, "What time is it?")]
+               CallerTranscript(2, "What time is it?"), CallTransferred("sip:desk@pbx", False, "486 Busy Here", 9.5)]
 
 
 def test_every_session_event_has_a_message():
@@ -35,10 +36,12 @@ def test_every_session_event_has_a_message():
     messages = [event_message(e) for e in ONE_OF_EACH]
     assert [m["type"] for m in messages] == ["speech_started", "speech_stopped", "reply_text", "interrupted", "turn",
                                             "turn_failed", "dtmf", "paused", "resumed", "hangup",
-                                            "transcript"]
+                                            "transcript", "transferred"]
     assert messages[0] == {"type": "speech_started", "t": 1.235}
     assert messages[4]["reply"] == "Hello there." and messages[4]["turn"] == 2
-    assert messages[-1] == {"type": "transcript", "turn": 2, "text": "What time is it?"}
+    assert messages[-2] == {"type": "transcript", "turn": 2, "text": "What time is it?"}
+    assert messages[-1] == {"type": "transferred", "to": "sip:desk@pbx", "ok": False, "status": "486 Busy Here",
+                            "t": 9.5}
     json.dumps(messages)  # every message is JSON as it is
 
 

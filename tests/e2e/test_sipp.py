@@ -188,3 +188,73 @@ async def test_call_out_hangs_up_at_max_seconds(models, tiny_settings, tmp_path)
             uas.kill()
 
 
+
+
+# -- call transfer (REFER) ------------------------------------------------------------------
+
+TRANSFERRED_ENDING = """  <recv request="BYE"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>"""
+
+FAILED_ENDING = """  <pause milliseconds="6000"/>
+  <send retrans="500">
+    <![CDATA[
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+      From: "SIPp caller" <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 4 BYE
+      Max-Forwards: 70
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv response="200"/>"""
+
+
+@needs_sipp
+@pytest.mark.skipif(not DTMF_PCAP.exists(), reason="SIPp's DTMF pcap files are not installed")
+@session_loop
+@pytest.mark.parametrize("final", ["200 OK", "486 Busy Here"])
+async def test_a_key_press_transfers_the_caller_with_refer(models, tiny_settings, tmp_path, final):
+    target = "sip:person@example.com"
+    settings = tiny_settings.replace("session", transfer_to=target, transfer_digit="1")
+    server = await start(models, settings)
+    try:
+        ulaw = tmp_path / "silence.ulaw"
+        ulaw_file(ulaw, np.zeros(8000 * 20, np.int16))
+        done = final.startswith("2")
+        scenario = tmp_path / "uac.xml"
+        scenario.write_text((HERE / "sipp" / "uac_transfer.xml").read_text()
+                            .replace("{ULAW}", str(ulaw)).replace("{DTMF_PCAP}", str(DTMF_PCAP))
+                            .replace("{TARGET}", target).replace("{FINAL}", final)
+                            .replace("{ENDING_XML}", TRANSFERRED_ENDING if done else FAILED_ENDING))
+        sipp = await asyncio.create_subprocess_exec(
+            "sipp", f"127.0.0.1:{server.port}", "-sf", str(scenario), "-m", "1", "-l", "1", "-nostdin",
+            "-i", "127.0.0.1", "-mi", "127.0.0.1", "-p", str(free_udp_port()), "-mp", str(free_udp_port()),
+            "-timeout", "60s", "-timeout_error", cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(sipp.communicate(), 90)
+        assert sipp.returncode == 0, err.decode()[-2000:]
+        (call,) = server.ended
+        assert call.dtmf == ["1"]
+        if done:  # the agent hung up once the target answered
+            assert call.end_reason == f"the agent transferred the call to {target}"
+            assert server.counts["transferred"] == 1
+        else:  # it stayed on the line and said so
+            assert call.end_reason == "the other side hung up" and server.counts["transfer_failed"] == 1
+            (said,) = [t for t in call.session.turns if t.kind == "transfer_failed"]
+            assert said.reply_text == settings.session.transfer_failed and said.agent_start is not None
+        (record,) = [r for r in server.sessions.records.recent() if r.id == call.session.call_id]
+        assert record.ended_by == ("agent" if done else "caller")
+    finally:
+        await server.close()

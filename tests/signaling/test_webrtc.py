@@ -214,3 +214,20 @@ async def test_outbound_track_paces_and_survives_barge_in():
     await track.recv()
     assert time.monotonic() - t0 >= 0.015
     track.stop()
+
+
+async def test_transfer_requests_are_checked_and_browser_calls_refused(server, speech):
+    async with aiohttp.ClientSession() as http:
+        caller = Caller(str(server.make_url("")))
+        await caller.dial(http)
+        try:
+            for body, status, reason in (({"to": "http://example.com"}, 400, "sip: URI"),
+                                         ({"to": "sip:a@b>\r\nX: y"}, 400, "sip: URI"),
+                                         ([1], 400, "JSON object"),
+                                         ({"to": "sip:person@example.com"}, 409, "only phone calls")):
+                async with http.post(server.make_url(f"/calls/{caller.call_id}/transfer"), json=body) as r:
+                    assert r.status == status and reason in (await r.json())["error"], body
+            async with http.post(server.make_url("/calls/nosuchcall/transfer"), json={"to": "sip:a@b"}) as r:
+                assert r.status == 404 and "error" in await r.json()
+        finally:
+            await caller.close()
