@@ -154,6 +154,7 @@ class ServerSettings:
     connect_timeout_s: float
     media_timeout_s: float
     max_unconfirmed_per_source: int
+    drain_s: float
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,7 @@ _RANGES = {
     "server.connect_timeout_s": (1.0, 600.0),
     "server.media_timeout_s": (1.0, 3600.0),
     "server.max_unconfirmed_per_source": (1, 10_000),
+    "server.drain_s": (0.0, 86_400.0),
     "run.max_input_s": (1.0, 86_400.0),
     "sip.register_expires": (10, 86_400),
     "records.transcribe_tokens": (1, 100_000),

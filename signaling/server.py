@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import logging
 import mimetypes
@@ -40,7 +41,7 @@ from agent.errors import VoiceAgentError
 from agent.process import MemoryTrimmer
 from signaling.mediastream import MAX_MESSAGE_BYTES, MediaStreamCall
 from signaling.sip.client import local_address_for
-from signaling.sip.endpoint import SipEndpoint
+from signaling.sip.endpoint import SipEndpoint, SipServer
 from signaling.sip.register import Registration, parse_registrar
 from signaling.slots import CallSlots
 from signaling.webrtc.call import BadOffer, WebRTCCall
@@ -61,6 +62,7 @@ SIP = web.AppKey("sip", SipEndpoint)  # the SipServer of `serve --sip-port`: its
 
 LAG_MONITOR = web.AppKey("lag_monitor", asyncio.Task)
 LOADER = web.AppKey("loader", asyncio.Task)
+DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: no new calls
 
 
 def error(status: int, reason: str) -> web.Response:
@@ -89,6 +91,9 @@ class Metrics:
                                   buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5), registry=r)
         self.gpu_memory = Gauge("voice_agent_gpu_memory_mib", "GPU memory (MiB)", ["kind"], registry=r)
         self.models_ready = Gauge("voice_agent_models_ready", "1 when the models are loaded", registry=r)
+        self.ready = Gauge("voice_agent_ready", "1 while a new call would be taken (GET /ready)", registry=r)
+        self.engine_free = Gauge("voice_agent_engine_free_slots", "Free slots of the batched engines", ["engine"],
+                                 registry=r)
         self.sip_registered = Gauge("voice_agent_sip_registered", "1 while the SIP registration (sip.register) holds",
                                     registry=r)
         r.register(_SipCounts(sip))
@@ -147,6 +152,7 @@ def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
     # Each call that ends hands its freed heap pages back (agent/process.py MemoryTrimmer).
     app[SLOTS] = CallSlots(settings.server.max_calls, on_release=MemoryTrimmer().soon)
     app[METRICS] = Metrics(lambda: app.get(SIP))
+    app[DRAINING] = asyncio.Event()
     app.router.add_get("/", index)
     app.router.add_get("/static/{name:.*}", static_file)
     app.router.add_post("/offer", offer)
@@ -156,6 +162,7 @@ def create_app(sessions: SessionFactory, settings: Settings) -> web.Application:
     app.router.add_delete("/calls/{call_id}", hang_up)
     app.router.add_post("/calls/{call_id}/transfer", transfer)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.on_startup.append(start_lag_monitor)
     app.on_shutdown.append(close_all_calls)
@@ -291,6 +298,9 @@ async def offer(request: web.Request) -> web.Response:
     if not sessions.ready:
         m.rejected.labels("not_ready").inc()
         return error(503, "the models are still loading; try again shortly")
+    if request.app[DRAINING].is_set():
+        m.rejected.labels("draining").inc()
+        return error(503, "the agent is shutting down; call another instance")
     if not slots.free:
         m.rejected.labels("call_limit").inc()
         return error(503, f"the agent is busy: {slots.limit} calls in progress, the limit")
@@ -358,10 +368,9 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     """A provider's media stream (signaling/mediastream.py): one phone call a WebSocket."""
     sessions: SessionFactory = request.app[SESSIONS]
     slots: CallSlots = request.app[SLOTS]
-    if not sessions.ready:
-        return error(503, "the models are still loading; try again shortly")
-    if not slots.free:
-        return error(503, f"the agent is busy: {slots.limit} calls in progress, the limit")
+    unready = unavailable(request.app)
+    if unready is not None:
+        return error(503, unready)
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
     if not ws.can_prepare(request).ok:
         return error(400, "GET /media-stream takes a WebSocket: a provider's media stream (Twilio's format)")
@@ -437,6 +446,32 @@ async def transfer(request: web.Request) -> web.Response:
     return web.json_response({"call_id": call_id, "to": target, "state": "transferring"}, status=202)
 
 
+def unavailable(app: web.Application) -> str | None:
+    """Why this process takes no new call now (None: it does): the models are loading, it
+    is draining, or every call slot is taken. /ready, /offer, INVITE and OPTIONS agree."""
+    if not app[SESSIONS].ready:
+        return "the models are still loading; try again shortly"
+    if app[DRAINING].is_set():
+        return "the agent is shutting down; call another instance"
+    slots = app[SLOTS]
+    if not slots.free:
+        return f"the agent is busy: {slots.limit} calls in progress, the limit"
+    return None
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness for load balancers: 200 while a new call would be taken, else 503; with
+    the free call slots and the engines' free speech and reply slots. (/health stays
+    liveness: 200 while the process runs.)"""
+    reason = unavailable(request.app)
+    sessions: SessionFactory = request.app[SESSIONS]
+    body: dict[str, Any] = {"ready": reason is None, "free_slots": request.app[SLOTS].free,
+            "engine_free_slots": sessions.free_engine_slots() if sessions.ready else None}
+    if reason is not None:
+        body["reason"] = reason
+    return web.json_response(body, status=200 if reason is None else 503)
+
+
 async def health(request: web.Request) -> web.Response:
     sessions: SessionFactory = request.app[SESSIONS]
     settings: Settings = request.app[SETTINGS]
@@ -466,6 +501,11 @@ async def metrics(request: web.Request) -> web.Response:
     m: Metrics = request.app[METRICS]
     sessions: SessionFactory = request.app[SESSIONS]
     m.models_ready.set(1 if sessions.ready else 0)
+    m.ready.set(1 if unavailable(request.app) is None else 0)
+    if sessions.ready:
+        for engine, free in sessions.free_engine_slots().items():
+            if free is not None:
+                m.engine_free.labels(engine).set(free)
     registration = request.app.get(REGISTRATION)
     if registration is not None:
         m.sip_registered.set(1 if registration.state == "registered" else 0)
@@ -491,8 +531,8 @@ async def close_all_calls(app: web.Application) -> None:
 
 
 async def run_server(app: web.Application, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve `app` on host:port until `stop` is set or SIGINT/SIGTERM, then shut down
-    gracefully (calls hung up, SIP closed)."""
+    """Serve `app` on host:port until `stop` is set or SIGINT/SIGTERM, then drain (see
+    drain()) and shut down gracefully (calls hung up, SIP closed)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -502,10 +542,34 @@ async def run_server(app: web.Application, host: str, port: int, stop: asyncio.E
         await web.TCPSite(runner, host, port).start()
         log.info("listening on http://%s:%d/ while the models load", host, port)
         await stop.wait()
+        stop.clear()
+        await drain(app, stop)
     finally:
         await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def drain(app: web.Application, stop: asyncio.Event) -> None:
+    """Take no new call (503 to /offer, /ready, INVITE and OPTIONS) and let the calls in
+    progress end by themselves, for up to server.drain_s or until `stop` is set again."""
+    app[DRAINING].set()
+    sip = app.get(SIP)
+    if isinstance(sip, SipServer):
+        sip.draining = True
+    slots, limit = app[SLOTS], app[SETTINGS].server.drain_s
+    if not slots.count() or not limit:
+        return
+    log.info("draining: %d calls in progress may go on for up to %.0f s (signal again to end them now)",
+             slots.count(), limit)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while slots.count() and (left := deadline - loop.time()) > 0 and not stop.is_set():
+        with contextlib.suppress(TimeoutError):  # a second signal, or time to look at the calls again
+            await asyncio.wait_for(stop.wait(), min(0.2, left))
+    if slots.count():
+        log.info("drained for %.0f s: ending the %d calls left", limit - max(0.0, deadline - loop.time()),
+                 slots.count())
 
 
 def serve(sessions: SessionFactory, load: Callable[[], None], settings: Settings, host: str, port: int,
@@ -514,8 +578,6 @@ def serve(sessions: SessionFactory, load: Callable[[], None], settings: Settings
     once; `load` (the models) runs in a worker thread meanwhile (/health says "loading",
     /offer 503). If it fails, the server stops and the error is raised. With a SIP port,
     phone calls are answered there too (UDP), within the same call limit."""
-    from signaling.sip.endpoint import SipServer
-
     app = create_app(sessions, settings)
     failure: list[BaseException] = []
     stop = asyncio.Event()

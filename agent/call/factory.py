@@ -43,6 +43,10 @@ class SessionFactory:
         """Which models are loaded so far (for /health while they load)."""
         return self._models.loaded
 
+    def free_engine_slots(self) -> dict[str, int | None]:
+        """The batched engines' free slots (for /ready)."""
+        return self._models.free_engine_slots()
+
     @property
     def device(self) -> str:
         return str(self._models.device)

@@ -189,6 +189,13 @@ class UnifiedModelManager:
             self._smart_turns[model] = loaded
         return self._smart_turns[model]
 
+    def free_engine_slots(self) -> dict[str, int | None]:
+        """Free slots of the batched engines ("speech", "reply"); None for one not running
+        (the single path, or not loaded). Read from the event loop: a snapshot."""
+        speech = self.tts.batcher if self.tts is not None else None
+        return {"speech": None if speech is None else speech.slots.count(None),
+                "reply": None if self.replies is None else self.replies.slots.count(None)}
+
     @property
     def busy_s(self) -> float:
         """Seconds the device has worked so far (see DeviceThread.busy_s)."""

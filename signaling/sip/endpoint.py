@@ -285,8 +285,17 @@ class SipEndpoint(asyncio.DatagramProtocol):
             await self._cancel(msg, addr)
         elif method == "NOTIFY":
             self._notify(msg, addr)
-        else:  # OPTIONS
-            self._respond(msg, addr, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
+        else:  # OPTIONS: a dispatcher's probe; 503 while no call would be taken
+            unavailable = self._unavailable()
+            if unavailable is not None:
+                self._respond(msg, addr, 503, reason=f"Service Unavailable ({unavailable})",
+                              headers=[("Retry-After", "10"), ("Allow", ALLOW)])
+            else:
+                self._respond(msg, addr, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
+
+    def _unavailable(self) -> str | None:
+        """Why no new call would be taken now (None: it would)."""
+        return None
 
     async def _invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
         call = self.calls.get(msg.call_id)
@@ -696,11 +705,21 @@ class SipServer(SipEndpoint):
                  voice: str | None = None, slots: CallSlots | None = None) -> None:
         super().__init__(sessions, settings, host, port, advertise, allow_from, voice, slots)
         self.ring_s = ring_s
+        self.draining = False  # set when `serve` stops taking calls (signaling/server.py drain())
+
+    def _unavailable(self) -> str | None:
+        if not self.sessions.ready:
+            return "the models are still loading"
+        if self.draining:
+            return "shutting down"
+        if not self.slots.free:
+            return "call limit reached"
+        return None
 
     async def _new_invite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
-        if not self.sessions.ready:
-            self._respond(msg, addr, 503, reason="Service Unavailable (the models are still loading)",
-                          headers=[("Retry-After", "10")])
+        if not self.sessions.ready or self.draining:  # another node may take it (a dispatcher fails over on 503)
+            why = "shutting down" if self.sessions.ready else "the models are still loading"
+            self._respond(msg, addr, 503, reason=f"Service Unavailable ({why})", headers=[("Retry-After", "10")])
             return
         if self._unconfirmed_from(addr[0]) >= self.settings.server.max_unconfirmed_per_source:
             # One address must not hold every slot with INVITEs it never ACKs.
