@@ -79,3 +79,62 @@ def request(method: str, port: int, call_id: str, cseq: int, branch: str, body: 
 def offer(rtp_port: int, formats="0 101", maps="a=rtpmap:0 PCMU/8000\na=rtpmap:101 telephone-event/8000\n") -> str:
     return (f"v=0\no=- 1 1 IN IP4 127.0.0.1\ns=-\nc=IN IP4 127.0.0.1\nt=0 0\n"
             f"m=audio {rtp_port} RTP/AVP {formats}\n{maps}")
+
+
+# -- a real `voice-agent serve` process ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def serve_process(env: dict[str, str], sip_port: int | None = None):
+    """`voice-agent serve --profile tiny` on 127.0.0.1 with these environment settings:
+    (the process, its base URL, its SIP port). stderr is piped: read it with communicate()."""
+    import os
+    import sys
+
+    http_port, sip_port = free_tcp_port(), sip_port or free_udp_port()
+    full = {**os.environ, **env}
+    full.pop("VOICE_AGENT_PROFILE", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "serve", "--profile", "tiny", "--host", "127.0.0.1",
+        "--port", str(http_port), "--sip-port", str(sip_port), cwd=ROOT, env=full,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    return proc, f"http://127.0.0.1:{http_port}", sip_port
+
+
+async def get_json(url: str):
+    """GET url: its JSON (any status)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def fetch():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read())
+
+    return await asyncio.to_thread(fetch)
+
+
+async def health_until(url: str, test, timeout: float = 120.0) -> dict:
+    """Poll url/health until test(state) holds; AssertionError with the last state if not."""
+    import time
+
+    deadline, state = time.monotonic() + timeout, None
+    while True:
+        try:
+            state = await get_json(url + "/health")
+            if test(state):
+                return state
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"timed out; last /health: {state}"
+        await asyncio.sleep(0.3)

@@ -3,58 +3,28 @@ registers, refreshes before the granted expiry, shows the state in /health and /
 and removes the binding at shutdown; a registrar that never answers holds up nothing."""
 
 import asyncio
-import json
-import os
 import shutil
 import signal
-import socket
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from support import free_udp_port
+from support import free_udp_port, health_until, serve_process
 
 SIPP = Path(__file__).parent / "sipp"
 ROOT = Path(__file__).parents[2]
 needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp (Debian package sip-tester) is not installed")
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str):
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return r.read().decode()
-
-
 async def start_serve(register: str, password: str = "s3cret"):
-    http_port, sip_port = free_tcp_port(), free_udp_port()
-    env = {**os.environ, "VOICE_AGENT_SIP__REGISTER": register, "VOICE_AGENT_SIP__USERNAME": "alice",
-           "VOICE_AGENT_SIP__PASSWORD": password}
-    env.pop("VOICE_AGENT_PROFILE", None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", "serve", "--profile", "tiny", "--host", "127.0.0.1",
-        "--port", str(http_port), "--sip-port", str(sip_port), cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    return proc, f"http://127.0.0.1:{http_port}"
+    proc, url, _ = await serve_process({"VOICE_AGENT_SIP__REGISTER": register, "VOICE_AGENT_SIP__USERNAME": "alice",
+                                        "VOICE_AGENT_SIP__PASSWORD": password})
+    return proc, url
 
 
-async def health_until(url: str, test, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            state = json.loads(await asyncio.to_thread(get, url + "/health"))
-            if test(state):
-                return state
-        except OSError:
-            state = None
-        assert time.monotonic() < deadline, f"timed out; last /health: {state}"
-        await asyncio.sleep(0.3)
+def metrics(url: str) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        return r.read().decode()
 
 
 @needs_sipp
@@ -74,7 +44,7 @@ async def test_serve_registers_refreshes_and_unregisters_at_a_sipp_registrar(tmp
         # Granted 12 s: the refresh comes well before that, and is granted 3600 s.
         state = await health_until(url, lambda s: s["sip_registration"]["expires_s"] == 3600, timeout=15)
         assert state["sip_registration"]["state"] == "registered"
-        assert "voice_agent_sip_registered 1.0" in await asyncio.to_thread(get, url + "/metrics")
+        assert "voice_agent_sip_registered 1.0" in await asyncio.to_thread(metrics, url)
         serve.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(serve.communicate(), 60)
         assert serve.returncode == 0, err.decode()[-3000:]
