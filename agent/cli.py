@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=int, help="HTTP port (default: server.port)")
     serve.add_argument("--sip-port", type=int, help="SIP port; 0 turns SIP off (default: server.sip_port)")
+    serve.add_argument("--device", help="where the models run: auto, cpu, cuda or cuda:N, one GPU "
+                                        "(default: device.device)")
 
     call = sub.add_parser("call", parents=[common], help="place a SIP call (UDP) and let the agent talk on it")
     call.add_argument("uri", metavar="sip:USER@HOST[:PORT]", help="who to call (port 5060 unless given)")
@@ -305,6 +307,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from agent.call.factory import SessionFactory
     from agent.models.manager import UnifiedModelManager
     from signaling.server import serve
+
+    if args.device:
+        settings = settings.replace("device", device=args.device)  # checked like the setting
 
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -250,7 +251,6 @@ SECTIONS: dict[str, type] = {
 
 # Checks beyond the type: (test, what a good value looks like).
 _CHOICES = {
-    "device.device": ("auto", "cuda", "cpu"),
     "device.dtype": ("auto", "bfloat16", "float16", "float32"),
     "snac.decoder_mode": ("default", "baseline"),
     "engine.mode": ("batched", "single"),
@@ -431,6 +431,8 @@ def _check(key: str, type_name: str, value: Any) -> Any:
 
 
 def _check_cross(s: Settings) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", s.device.device):
+        raise ConfigError(f"setting device.device must be auto, cpu, cuda or cuda:N (one GPU); got {s.device.device!r}")
     if not s.tts.voices:
         raise ConfigError("setting tts.voices must name at least one voice")
     if s.tts.default_voice not in s.tts.voices:

@@ -90,3 +90,19 @@ def test_a_value_outside_numeric_choices_is_a_config_error(key):
 def test_transfer_settings_are_checked(changes, problem):
     with pytest.raises(ConfigError, match=problem):
         load_settings("tiny", env={}).replace("session", **changes)
+
+
+def test_device_takes_one_gpu_by_number():
+    from agent.models.memory import resolve_device
+
+    assert load_settings("tiny", env={"VOICE_AGENT_DEVICE__DEVICE": "cuda:1"}).device.device == "cuda:1"
+    with pytest.raises(ConfigError, match="must be auto, cpu, cuda or cuda:N"):
+        load_settings("tiny", env={"VOICE_AGENT_DEVICE__DEVICE": "gpu1"})
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda:0' but no CUDA GPU is available"):
+            resolve_device("cuda:0")
+    else:
+        with pytest.raises(ConfigError, match="this machine has"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

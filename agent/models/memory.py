@@ -19,11 +19,16 @@ GIB = 1024**3
 
 
 def resolve_device(setting: str) -> torch.device:
-    """"auto" picks CUDA when present and otherwise warns loudly that the CPU is slow."""
-    if setting == "cuda":
+    """"auto" picks CUDA when present and otherwise warns loudly that the CPU is slow;
+    "cuda:N" pins this process to GPU N (one process per GPU)."""
+    if setting.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("setting device.device is \"cuda\" but no CUDA GPU is available")
-        return torch.device("cuda")
+            raise ConfigError(f"setting device.device is {setting!r} but no CUDA GPU is available")
+        index = int(setting.split(":")[1]) if ":" in setting else None
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"setting device.device is {setting!r} but this machine has "
+                              f"{torch.cuda.device_count()} GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        return torch.device(setting)
     if setting == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
