@@ -71,8 +71,8 @@ def _exporter(name: str) -> Any:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
-            raise ConfigError("tracing: the otlp exporter needs opentelemetry-exporter-otlp-proto-http "
-                              "(pip install 'voice-agent[otlp]'), or set OTEL_TRACES_EXPORTER=console") from None
+            raise ConfigError("tracing: the otlp exporter needs the package opentelemetry-exporter-otlp-proto-http "
+                              "(pip install it into the agent's environment), or set OTEL_TRACES_EXPORTER=console") from None
         return OTLPSpanExporter()
     raise ConfigError(f"tracing: exporter {name!r} is not supported (use otlp, console or none)")
 
