@@ -48,14 +48,23 @@ async def callers(tmp_path: Path, kport: int, calls: int, at_once: int, listen_m
     sipp = await asyncio.create_subprocess_exec(
         "sipp", f"127.0.0.1:{kport}", "-sf", str(scenario), "-m", str(calls), "-l", str(at_once), "-r", str(at_once),
         "-nostdin", "-i", "127.0.0.1", "-mi", "127.0.0.1", "-p", str(free_udp_port()), "-mp", str(free_udp_port()),
-        "-timeout", "120s", "-timeout_error", cwd=tmp_path,
+        "-timeout", "120s", "-timeout_error", "-trace_err", "-error_file", str(tmp_path / f"errors{listen_ms}.log"),
+        cwd=tmp_path,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(sipp.communicate(), 180)
-    return sipp.returncode, err.decode()
+    errors = tmp_path / f"errors{listen_ms}.log"
+    return sipp.returncode, err.decode() + (errors.read_text()[-3000:] if errors.exists() else "")
 
 
-async def call_ids(url: str) -> list[str]:
-    return [c["party"]["call_id"] for c in (await get_json(url + "/calls?limit=100"))["calls"]]
+async def call_ids(url: str, at_least: int = 0, timeout: float = 15.0) -> list[str]:
+    """The SIP Call-IDs of a node's call records (waiting for `at_least`: a record is kept
+    once its call's session has closed, a moment after the BYE was answered)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        ids = [c["party"]["call_id"] for c in (await get_json(url + "/calls?limit=100"))["calls"]]
+        if len(ids) >= at_least or asyncio.get_running_loop().time() > deadline:
+            return ids
+        await asyncio.sleep(0.3)
 
 
 @needs_peers
@@ -70,8 +79,12 @@ async def test_calls_spread_fail_over_and_survive_a_killed_node(tmp_path):
         await asyncio.sleep(3.0)  # the dispatcher's OPTIONS probes (every 2 s) find both up
         # Four callers at once: two slots a node, so both nodes must take calls.
         code, err = await callers(tmp_path, kport, calls=4, at_once=4)
-        assert code == 0, err[-3000:]
-        first = [await call_ids(url) for _, url, _ in nodes]
+        if code != 0:
+            kamailio.send_signal(signal.SIGTERM)
+            _, klog = await kamailio.communicate()
+            raise AssertionError(err[-1500:] + "\n".join(line for line in klog.decode().splitlines()
+                                                          if "<script>" in line or "ERROR" in line)[-3000:])
+        first = [await call_ids(url, at_least=2) for _, url, _ in nodes]
         assert [len(ids) for ids in first] == [2, 2], first
         assert not set(first[0]) & set(first[1])  # no call answered twice
         # Node 0 dies (no BYE, no goodbye); the calls placed next all land on node 1.
@@ -79,7 +92,7 @@ async def test_calls_spread_fail_over_and_survive_a_killed_node(tmp_path):
         await nodes[0][0].wait()
         code, err = await callers(tmp_path, kport, calls=2, at_once=1, listen_ms=3000)
         assert code == 0, err[-3000:]
-        after = await call_ids(nodes[1][1])
+        after = await call_ids(nodes[1][1], at_least=4)
         assert len(after) == 4 and set(first[1]) <= set(after)
     finally:
         for proc, _, _ in nodes:
