@@ -138,3 +138,16 @@ async def health_until(url: str, test, timeout: float = 120.0) -> dict:
             pass
         assert time.monotonic() < deadline, f"timed out; last /health: {state}"
         await asyncio.sleep(0.3)
+
+
+async def kamailio_process(cfg: str, tmp_path: Path):
+    """Kamailio in the foreground (-DD -E) on this configuration text; stderr is piped."""
+    path = tmp_path / "kamailio.cfg"
+    path.write_text(cfg)
+    (tmp_path / "run").mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        "kamailio", "-DD", "-E", "-f", str(path), "-Y", str(tmp_path / "run"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    await asyncio.sleep(1.0)
+    assert proc.returncode is None, (await proc.stderr.read()).decode()[-2000:]
+    return proc

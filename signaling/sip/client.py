@@ -61,14 +61,22 @@ def parse_target(text: str) -> tuple[SipUri, tuple[str, int]]:
         raise InputError(f"cannot call {text!r}: transport={transport} is not supported, only UDP")
     if uri.headers:
         raise InputError(f"cannot call {text!r}: URI headers (?...) are not supported")
+    try:
+        return uri, resolve(uri)
+    except ValueError as e:
+        raise InputError(f"cannot call {text!r}: {e}") from None
+
+
+def resolve(uri: SipUri) -> tuple[str, int]:
+    """Where requests to `uri` go: (IP, port) of its host (getaddrinfo; no DNS SRV).
+    ValueError, one line, for a host that cannot be resolved."""
     host = uri.host[1:-1] if uri.host.startswith("[") else uri.host
     try:
         found = socket.getaddrinfo(host, uri.port or DEFAULT_PORT, type=socket.SOCK_DGRAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise InputError(f"cannot call {text!r}: cannot resolve {host!r} ({getattr(e, 'strerror', None) or e})") from None
+        raise ValueError(f"cannot resolve {host!r} ({getattr(e, 'strerror', None) or e})") from None
     # SOCK_DGRAM for a host name: IPv4 or IPv6 addresses, (host, port, ...).
-    ip, port = cast("tuple[str, int]", found[0][4][:2])
-    return uri, (ip, port)
+    return cast("tuple[str, int]", found[0][4][:2])
 
 
 def local_address_for(peer: tuple[str, int]) -> str:

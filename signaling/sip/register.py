@@ -19,8 +19,9 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
+from signaling.sip.client import resolve
 from signaling.sip.endpoint import ALLOW
-from signaling.sip.message import DEFAULT_PORT, SipMessage, SipParseError, SipUri, parse_uri
+from signaling.sip.message import SipMessage, SipParseError, SipUri, parse_uri
 
 if TYPE_CHECKING:
     from signaling.sip.endpoint import SipEndpoint
@@ -137,21 +138,16 @@ def _granted(answer: SipMessage, contact: str, asked: int) -> int:
 
 def parse_registrar(text: str) -> tuple[SipUri, tuple[str, int]]:
     """sip.register: (the address of record, where REGISTERs go). ValueError, one line."""
-    import socket
-
     try:
         uri = parse_uri(text.strip())
     except SipParseError as e:
         raise ValueError(f"sip.register: bad SIP URI {text!r} ({e}); expected sip:USER@REGISTRAR[:PORT]") from None
     if uri.scheme != "sip":
         raise ValueError(f"sip.register: only sip: URIs, got {text!r}")
-    host = uri.host[1:-1] if uri.host.startswith("[") else uri.host
     try:
-        found = socket.getaddrinfo(host, uri.port or DEFAULT_PORT, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ValueError(f"sip.register: cannot resolve {host!r} ({getattr(e, 'strerror', None) or e})") from None
-    ip, port = found[0][4][0], found[0][4][1]
-    return uri, (str(ip), int(port))
+        return uri, resolve(uri)
+    except ValueError as e:
+        raise ValueError(f"sip.register: {e}") from None
 
 
 def _hostport(host: str, port: int) -> str:

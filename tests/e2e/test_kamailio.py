@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import FIXTURES, ROOT, free_udp_port, get_json, health_until, serve_process, ulaw_file
+from support import FIXTURES, ROOT, free_udp_port, get_json, health_until, kamailio_process, serve_process, ulaw_file
 
 from agent.audio import read_audio
 
@@ -22,17 +22,9 @@ REALM, USER, PASSWORD = "pbx.test", "agent", "s3cret"
 
 
 async def start_kamailio(tmp_path: Path, port: int, callee: str):
-    cfg = tmp_path / "kamailio.cfg"
-    cfg.write_text((HERE / "kamailio" / "registrar.cfg").read_text().replace("{USER}", USER)
-                   .replace("{PASSWORD}", PASSWORD).replace("{REALM}", REALM).replace("{PORT}", str(port))
-                   .replace("{CALLEE}", callee))
-    (tmp_path / "run").mkdir()
-    proc = await asyncio.create_subprocess_exec(
-        "kamailio", "-DD", "-E", "-f", str(cfg), "-Y", str(tmp_path / "run"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    await asyncio.sleep(1.0)
-    assert proc.returncode is None, (await proc.stderr.read()).decode()[-2000:]
-    return proc
+    return await kamailio_process((HERE / "kamailio" / "registrar.cfg").read_text().replace("{USER}", USER)
+                                  .replace("{PASSWORD}", PASSWORD).replace("{REALM}", REALM)
+                                  .replace("{PORT}", str(port)).replace("{CALLEE}", callee), tmp_path)
 
 
 async def stop(proc) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import FIXTURES, free_udp_port, get_json, health_until, serve_process, ulaw_file
+from support import FIXTURES, free_udp_port, get_json, health_until, kamailio_process, serve_process, ulaw_file
 
 from agent.audio import read_audio
 
@@ -23,17 +23,10 @@ needs_peers = pytest.mark.skipif(shutil.which("kamailio") is None or shutil.whic
 async def start_dispatcher(tmp_path: Path, port: int, nodes: list[int]):
     listing = tmp_path / "dispatcher.list"
     listing.write_text("".join(f"1 sip:127.0.0.1:{p} 0 0 duid=node{i};maxload=2\n" for i, p in enumerate(nodes)))
-    cfg = tmp_path / "dispatcher.cfg"
-    cfg.write_text((ROOT / "deploy" / "kamailio" / "dispatcher.cfg").read_text()
-                   .replace("!LISTEN!udp:127.0.0.1:5060!", f"!LISTEN!udp:127.0.0.1:{port}!")
-                   .replace("!DISPATCHER_LIST!/etc/kamailio/dispatcher.list!", f"!DISPATCHER_LIST!{listing}!"))
-    (tmp_path / "run").mkdir()
-    proc = await asyncio.create_subprocess_exec(
-        "kamailio", "-DD", "-E", "-f", str(cfg), "-Y", str(tmp_path / "run"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    await asyncio.sleep(1.0)
-    assert proc.returncode is None, (await proc.stderr.read()).decode()[-2000:]
-    return proc
+    cfg = ((ROOT / "deploy" / "kamailio" / "dispatcher.cfg").read_text()
+           .replace("!LISTEN!udp:127.0.0.1:5060!", f"!LISTEN!udp:127.0.0.1:{port}!")
+           .replace("!DISPATCHER_LIST!/etc/kamailio/dispatcher.list!", f"!DISPATCHER_LIST!{listing}!"))
+    return await kamailio_process(cfg, tmp_path)
 
 
 async def callers(tmp_path: Path, kport: int, calls: int, at_once: int, listen_ms: int = 6000):
