@@ -149,8 +149,13 @@ def bench_pipeline(sessions: SessionFactory, settings: Settings, caller: np.ndar
 
     from .headless import run_call
 
-    # Replies start at the decision: a preemptive one's model time straddles it.
-    settings = settings.replace("turn", preemptive=False)
+    # The overhead is wall time minus device time from the decision to the first frame, so
+    # nothing else may run on the device then: the silence timer ends each turn once (the
+    # end-of-turn model may end one at "Hello," and the caller's going on withdraws it, its
+    # reply's last steps straddling the next decision), replies start at the decision (a
+    # preemptive one's model time straddles it), and no caller transcript runs beside them.
+    settings = (settings.replace("turn", engine="silence", preemptive=False)
+                .replace("records", transcribe=False))
     result = asyncio.run(run_call(sessions, caller, caller_24k, settings, seed=0))
     latencies = [t.latency_ms() for t in result.turns]
     return {"profile": settings.profile, "device": sessions.device, "torch": torch.__version__,
